@@ -1,0 +1,9 @@
+"""The sparsity engine: architecture table (arch), rules, hooks (engine) and exact accounting."""
+
+from .accounting import SparsityCounter
+from .arch import ARCHITECTURES, Site, UnsupportedArchitectureError, resolve_sites
+from .engine import SparsityEngine
+from .rules import CountOnly, Rule, Threshold, TopK
+
+__all__ = ["ARCHITECTURES", "CountOnly", "Rule", "Site", "SparsityCounter", "SparsityEngine", "Threshold",
+           "TopK", "UnsupportedArchitectureError", "resolve_sites"]

@@ -1,0 +1,283 @@
+"""The sparsity engine: applies rules to the inputs of a model's linear layers and counts what it zeroed.
+
+The engine never copies a weight and never replaces a transformers forward: it installs forward
+pre-hooks on the linear layers named by the architecture table (and one pair of hooks on the model itself
+to learn, per forward pass, whether it is prefill or decode and which tokens are real), inside a context
+manager that removes every hook in `finally`.
+
+Seams for the other parts of lm-sparse:
+- a method builds `{site index: Rule}` (Top-k, FAT, PPL-p% thresholds, TEAL thresholds) and passes it to
+  `set_rules`; sites without a rule are left alone and not counted;
+- a decode backend (the Triton kernels) may take over a site's matrix product in decode steps by
+  registering an executor with `set_decode_executor`; the report then says `sparse_kernel` for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .accounting import PHASES, SparsityCounter
+from .arch import FFN_GROUPS, Site, activation_name, resolve_sites
+from .rules import CountOnly, Rule
+
+PREFILL, DECODE = 0, 1
+
+
+def _first_tensor(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class SparsityEngine:
+    """Sparsify and count the inputs of a causal LM's linear layers.
+
+    Typical use::
+
+        engine = SparsityEngine(model)
+        engine.set_rules({s.index: TopK(0.5, s.in_features) for s in engine.sites_named("down")})
+        with engine.attached():
+            model(input_ids)
+        engine.counter.synchronize()
+        print(engine.report())
+    """
+
+    def __init__(self, model: nn.Module, sparse_prefill: str = "all", pad_token_id: int | None = None):
+        self.model = model
+        self.sites: list[Site] = resolve_sites(model)
+        self.activation = activation_name(model.config)
+        self.sparse_prefill = sparse_prefill
+        self.pad_token_id = pad_token_id
+        self.rules: dict[int, Rule] = {}
+        self.decode_executors: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.execution: dict[str, dict[str, str]] = {}  # site name -> phase -> path that ran
+        device = next(model.parameters()).device
+        self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
+        self.counting = True
+        self.deferred = False
+        self._handles: list[Any] = []
+        # per-forward state, set by the model-level pre-hook
+        self._phase = PREFILL
+        self._valid: torch.Tensor | None = None
+        self._records: dict[int, torch.Tensor] = {}
+
+    # -- configuration --------------------------------------------------------------------------------
+    def sites_named(self, *names: str) -> list[Site]:
+        return [s for s in self.sites if s.name in names]
+
+    def sites_in_groups(self, *groups: str) -> list[Site]:
+        return [s for s in self.sites if s.group in groups]
+
+    def set_rules(self, rules: dict[int, Rule]) -> None:
+        """Install the rule of each site (by site index); sites left out are not touched or counted."""
+        self.rules = dict(rules)
+
+    def count_natural_zeros(self) -> None:
+        """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
+        self.set_rules({s.index: CountOnly() for s in self.sites_in_groups("mlp_mid")})
+
+    def set_decode_executor(self, site_index: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Let `fn(x)` compute the site's output (bias included) in decode steps instead of masked dense."""
+        self.decode_executors[site_index] = fn
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = _first_tensor(args, kwargs, "input_ids", 0)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if isinstance(ids, torch.Tensor) else embeds
+        past = kwargs.get("past_key_values")
+        past_len = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            past_len = int(past.get_seq_length())
+        seq_len = ref.shape[1] if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else 1
+        self._phase = DECODE if (past_len > 0 and seq_len == 1) else PREFILL
+        valid = None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(ref, torch.Tensor):
+            valid = mask[:, -seq_len:].bool()
+        if self._phase == DECODE and self.pad_token_id is not None and isinstance(ids, torch.Tensor):
+            # A finished row of a batched generate is fed padding: its step is not a real token.
+            not_pad = ids != self.pad_token_id
+            valid = not_pad if valid is None else valid & not_pad
+        self._valid = valid
+        self._records = {}
+
+    def _model_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        records, self._records = self._records, {}
+        if not self.counting or not records:
+            return
+        if self.deferred and self._phase == PREFILL:
+            self.counter.defer(self._phase, records)
+        else:
+            self.counter.commit(self._phase, records, self._valid)
+
+    def _prefill_applies(self, x: torch.Tensor) -> torch.Tensor | bool:
+        """Which positions of a multi-token forward get the rule (`sparse_prefill`)."""
+        if self._phase == DECODE or self.sparse_prefill == "all" or x.dim() < 3:
+            return True
+        if self.sparse_prefill == "none":
+            return False
+        seq = x.shape[-2]
+        pos = torch.arange(seq, device=x.device)
+        return (pos >= seq // 2).view(*([1] * (x.dim() - 2)), seq, 1)
+
+    def _site_pre_hook(self, site: Site) -> Callable:
+        rule = self.rules[site.index]
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            applies = self._prefill_applies(x)
+            if applies is True:
+                y = rule(x)
+            elif applies is False:
+                y = x
+            else:
+                y = torch.where(applies, rule(x), x)
+            if self.counting:
+                self._records[site.index] = (y == 0).sum(dim=-1).view(x.shape[0], -1) if x.dim() >= 2 else (
+                    (y == 0).sum().view(1, 1))
+            if y is x:
+                return None
+            return (y, *args[1:])
+
+        return hook
+
+    def _site_executor_hook(self, site: Site, executor: Callable) -> Callable:
+        # Replaces the site's forward in decode steps: the kernel reads x and the threshold itself.
+        module = site.module
+        dense_forward = module.forward
+        pre = self._site_pre_hook(site)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if self._phase == DECODE:
+                if self.counting:
+                    rule = self.rules[site.index]
+                    y = rule(x)
+                    self._records[site.index] = (y == 0).sum(dim=-1).view(x.shape[0], -1)
+                return executor(x)
+            new = pre(module, (x,))
+            return dense_forward(new[0] if new is not None else x)
+
+        return forward
+
+    @contextmanager
+    def attached(self) -> Iterator["SparsityEngine"]:
+        """Install the hooks for the duration of the block; always remove them."""
+        if self._handles:
+            yield self
+            return
+        model = self.model
+        swapped: list[tuple[nn.Module, Any]] = []
+        try:
+            self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._model_post_hook))
+            for site in self.sites:
+                if site.index not in self.rules:
+                    continue
+                executor = self.decode_executors.get(site.index)
+                if executor is not None:
+                    swapped.append((site.module, site.module.__dict__.get("forward")))
+                    site.module.forward = self._site_executor_hook(site, executor)  # type: ignore[method-assign]
+                else:
+                    self._handles.append(site.module.register_forward_pre_hook(self._site_pre_hook(site)))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            for module, previous in swapped:
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+            self._records = {}
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run forwards without counting them (lm-eval's batch-size probes)."""
+        previous, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = previous
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Prefill records wait for `counter.commit_row(length)` (right-padded loglikelihood batches)."""
+        previous, self.deferred = self.deferred, True
+        try:
+            yield
+        finally:
+            self.deferred = previous
+
+    # -- report -------------------------------------------------------------------------------------
+    def execution_paths(self) -> dict[str, dict[str, str]]:
+        """Per site name and phase, the path that computes the product: masked_dense or sparse_kernel."""
+        out: dict[str, dict[str, str]] = {}
+        for site in self.sites:
+            if site.index not in self.rules:
+                continue
+            paths = out.setdefault(site.name, {"prefill": "masked_dense", "decode": "masked_dense"})
+            if site.index in self.decode_executors:
+                paths["decode"] = "sparse_kernel"
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """The measured sparsity: overall, FFN, attention, per phase and per layer for every site name."""
+        zeros, entries, tokens = self.counter.totals()
+        active = sorted(self.rules)
+        num_layers = 1 + max((s.layer for s in self.sites), default=-1)
+
+        def ratio(z: torch.Tensor | int, e: torch.Tensor | int) -> float | None:
+            z, e = int(z), int(e)
+            return z / e if e else None
+
+        def over(site_ids: list[int], phase: slice = slice(None)) -> float | None:
+            if not site_ids:
+                return None
+            ids = torch.tensor(site_ids)
+            return ratio(zeros[phase][:, ids].sum(), entries[phase][:, ids].sum())
+
+        ffn = [i for i in active if self.sites[i].group in FFN_GROUPS]
+        attn = [i for i in active if self.sites[i].group not in FFN_GROUPS]
+        # Fraction of linear-layer weights (of the decoder layers) that the zeros let a kernel skip.
+        params = torch.tensor([s.num_params for s in self.sites], dtype=torch.float64)
+        per_site = torch.where(entries.sum(0) > 0, zeros.sum(0) / entries.sum(0).clamp(min=1), 0.0)
+        skipped = float((per_site.double() * params).sum() / params.sum()) if len(params) else 0.0
+
+        per_layer: dict[str, list[float | None]] = {}
+        for name in dict.fromkeys(self.sites[i].name for i in active):
+            row: list[float | None] = [None] * num_layers
+            for s in self.sites:
+                if s.name == name and s.index in self.rules:
+                    row[s.layer] = ratio(zeros[:, s.index].sum(), entries[:, s.index].sum())
+            per_layer[name] = row
+        phases = {}
+        for p, phase in enumerate(PHASES):
+            phases[phase] = {
+                "tokens": int(tokens[p]),
+                "sparsity": over(active, slice(p, p + 1)),
+                "ffn": over(ffn, slice(p, p + 1)),
+                "attn": over(attn, slice(p, p + 1)),
+            }
+        return {
+            "overall": over(active),
+            "ffn": over(ffn),
+            "attn": over(attn),
+            "weights_skipped": skipped,
+            "tokens": int(tokens.sum()),
+            "zeros": int(zeros[:, active].sum()) if active else 0,
+            "entries": int(entries[:, active].sum()) if active else 0,
+            "phases": phases,
+            "per_layer": per_layer,
+            "sites": sorted(dict.fromkeys(self.sites[i].name for i in active)),
+            "execution": self.execution_paths(),
+            "num_layers": num_layers,
+            "activation": self.activation,
+            "sparse_prefill": self.sparse_prefill,
+        }

@@ -1,0 +1,81 @@
+"""Sparsity rules: functions from a matrix input x (..., D) to the sparsified input.
+
+Every rule keeps an entry or zeroes it; none rescales. A threshold rule keeps |x| > t, the same mask the
+sparse kernels apply (`lm_sparse.kernels`), so the masked-dense path and the kernel path agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Rule:
+    """Base class: `rule(x)` returns x with some entries set to zero."""
+
+    #: threshold the kernels can fuse (scalar or per-input-channel tensor), or None if the rule is not a threshold
+    threshold: float | torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"rule": type(self).__name__}
+
+
+class CountOnly(Rule):
+    """Leaves x unchanged; the engine still counts its natural zeros (ReLU-family FFNs, dense runs)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class TopK(Rule):
+    """Keep the `fraction` of entries with the largest |x| in every token (row), zero the rest.
+
+    Per token, as a decoder sees it; the Sparsing Law reference code ranks all tokens of a layer together.
+    Exactly k = round(fraction * D) entries survive per token (ties broken by torch.topk).
+    """
+
+    def __init__(self, fraction: float, width: int):
+        self.fraction = fraction
+        self.k = min(width, max(1, int(math.floor(fraction * width + 0.5))))
+        self.width = width
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k >= x.shape[-1]:
+            return x
+        idx = x.abs().topk(self.k, dim=-1, sorted=False).indices
+        return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
+    def describe(self) -> dict:
+        return {"rule": "topk", "fraction": self.fraction, "k": self.k}
+
+
+class Threshold(Rule):
+    """Keep entries with |x| > t; t is a scalar (FAT, TEAL) or a per-input-channel vector (PPL-p%)."""
+
+    def __init__(self, threshold: float | torch.Tensor):
+        self.threshold = threshold
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _t(self, x: torch.Tensor) -> float | torch.Tensor:
+        t = self.threshold
+        if isinstance(t, torch.Tensor):
+            key = (x.device, x.dtype)
+            cached = self._cache.get(key)
+            if cached is None:
+                # Compare in x's dtype: the threshold is cast once, not per call.
+                cached = self._cache[key] = t.to(device=x.device, dtype=x.dtype)
+            return cached
+        return t
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(x.abs() <= self._t(x), 0)
+
+    def describe(self) -> dict:
+        t = self.threshold
+        if isinstance(t, torch.Tensor):
+            return {"rule": "threshold", "per_channel": True, "mean": float(t.float().mean())}
+        return {"rule": "threshold", "value": float(t)}

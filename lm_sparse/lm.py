@@ -1,0 +1,217 @@
+"""`sparse-hf`: lm-eval's HFLM with activation sparsity applied and measured.
+
+Every HFLM argument works unchanged; the sparsity arguments (`lm_sparse.config.SPARSITY_ARGS`) are taken
+out and validated before the model loads. The engine's hooks are installed around each model call (the
+shape of lm-eval's `hf_steered`), so the wrapped model is untouched between calls. With no sparsity
+argument the forward is the dense one: the hooks only count, and logprobs equal `--model hf` exactly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import difflib
+import inspect
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from . import __version__
+from .config import SPARSITY_ARGS, SparsityArgumentError, SparsityConfig, parse_sparsity_args, \
+    split_sparsity_kwargs
+from .engine.arch import UnsupportedArchitectureError, check_model_type
+from .engine.engine import SparsityEngine
+from .methods import build_rules, describe_method
+from .models import resolve_pretrained
+
+logger = logging.getLogger(__name__)
+
+_HFLM_PARAMS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+_SPARSE_PREFIXES = ("calib", "teal", "sparse", "ppl", "top", "threshold", "recalib")
+
+
+def _reject_misspelled(kwargs: dict[str, Any]) -> None:
+    """Unknown keys close to a sparsity argument are typos, not from_pretrained kwargs: say so."""
+    for key in kwargs:
+        if key in SPARSITY_ARGS or key in _HFLM_PARAMS:
+            continue
+        close = difflib.get_close_matches(key.lower(), list(SPARSITY_ARGS), n=1, cutoff=0.75)
+        if close or key.lower().startswith(_SPARSE_PREFIXES):
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SparsityArgumentError(
+                f"sparse-hf: unknown sparsity argument {key!r}{hint}; allowed: {', '.join(SPARSITY_ARGS)}"
+            )
+
+
+def _early_architecture_check(pretrained: Any, kwargs: dict[str, Any]) -> None:
+    """Read only the config, so an unsupported architecture fails before any weight is loaded."""
+    if not isinstance(pretrained, str):
+        config = getattr(pretrained, "config", None)
+        if config is not None:
+            check_model_type(getattr(config, "model_type", None))
+        return
+    try:
+        from transformers import AutoConfig
+
+        extra = {k: kwargs[k] for k in ("gguf_file", "subfolder") if kwargs.get(k)}
+        config = AutoConfig.from_pretrained(
+            pretrained, revision=kwargs.get("revision") or "main",
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)), **extra,
+        )
+    except Exception as exc:  # HFLM raises the real loading error a moment later, with its own message
+        logger.debug("sparse-hf: early config read failed: %s", exc)
+        return
+    check_model_type(getattr(config, "model_type", None))
+
+
+@register_model("sparse-hf")
+class SparseHFLM(HFLM):
+    """HFLM that sparsifies activations (Top-k, FAT, PPL-p%, TEAL) and reports the sparsity it measured."""
+
+    def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
+        sparse_args, hf_kwargs = split_sparsity_kwargs(kwargs)
+        _reject_misspelled(hf_kwargs)
+        self.sparsity_config: SparsityConfig = parse_sparsity_args(sparse_args)
+        if pretrained is None:
+            raise SparsityArgumentError("sparse-hf: pretrained= is required (a Hub id, a local directory or smollm2)")
+        pretrained = resolve_pretrained(pretrained)
+        _early_architecture_check(pretrained, hf_kwargs)
+        super().__init__(pretrained=pretrained, **hf_kwargs)
+        self.engine = SparsityEngine(self._model, sparse_prefill=self.sparsity_config.sparse_prefill,
+                                     pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
+        rules, self.calibration = build_rules(self.engine, self.sparsity_config, self.tokenizer, self)
+        self.engine.set_rules(rules)
+        self._setup_decode_backend()
+        _register_summary(self)
+
+    def _setup_decode_backend(self) -> None:
+        """Hand decode-step products to the sparse kernels where they apply (CUDA, threshold rules)."""
+        mode = self.sparsity_config.sparse_kernels
+        if mode == "off" or self.sparsity_config.is_dense:
+            return
+        try:
+            from .kernels.backend import attach_decode_kernels
+        except ImportError:
+            if mode == "on":
+                raise
+            return
+        attach_decode_kernels(self.engine, required=(mode == "on"))
+
+    # -- model calls: hooks live only inside them ----------------------------------------------------
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        with self.engine.attached():
+            if attn_mask is None and self.backend == "causal":
+                # Right-padded loglikelihood batch: rows are committed by `_select_cont_toks`.
+                with self.engine.deferring():
+                    return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None,
+                          inplen: int | None = None) -> torch.Tensor:
+        if self.backend == "causal" and inplen:
+            self.engine.counter.commit_row(int(inplen))
+        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any):
+        with self.engine.attached():
+            return super()._model_generate(context, max_length, stop, **kwargs)
+
+    def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
+        # The probe batches are not real tokens: run them sparse (same cost) but do not count them.
+        with self.engine.paused():
+            return super()._detect_batch_size(requests, pos)
+
+    # -- request types: reduce the counts over ranks after each ----------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.engine.counter.synchronize()
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.engine.counter.synchronize()
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.engine.counter.synchronize()
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def sparsity_report(self) -> dict[str, Any]:
+        """The measured sparsity and everything that defines it (lands in results['config']['sparsity'])."""
+        cfg = self.sparsity_config
+        report = {
+            "method": cfg.rule,
+            "label": describe_method(cfg, self.engine),
+            "params": cfg.params(),
+            "lm_sparse_version": __version__,
+            "world_size": int(self.world_size),
+            "calibration": self.calibration,
+        }
+        report.update(self.engine.report())
+        return report
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["sparsity"] = self.sparsity_report()
+        _LAST_REPORT["report"] = info["sparsity"]
+        return info
+
+
+# -- the short summary printed after lm-eval's own table (CLI runs only) -------------------------------
+_LAST_REPORT: dict[str, Any] = {}
+_SUMMARY_REGISTERED = False
+
+
+def _is_cli_run() -> bool:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return prog in ("lm_eval", "lm-eval", "lm-sparse", "lm_sparse") or getattr(spec, "name", "") in (
+        "lm_eval", "lm_eval.__main__")
+
+
+def _print_summary() -> None:
+    report = _LAST_REPORT.get("report")
+    if report is None:
+        return
+    from .report.summary import format_summary
+
+    print(format_summary(report), flush=True)
+
+
+def _register_summary(lm: SparseHFLM) -> None:
+    global _SUMMARY_REGISTERED
+    if _SUMMARY_REGISTERED or lm.rank != 0 or not _is_cli_run():
+        return
+    _SUMMARY_REGISTERED = True
+    atexit.register(_print_summary)
+
+
+__all__ = ["SparseHFLM", "SparsityArgumentError", "UnsupportedArchitectureError"]
+
+
+def _install_clean_errors() -> None:
+    """Under the lm_eval CLI, our argument errors print as one line instead of a traceback."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):  # noqa: ANN001
+        if issubclass(exc_type, (SparsityArgumentError, UnsupportedArchitectureError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+if _is_cli_run():
+    _install_clean_errors()

@@ -1,0 +1,47 @@
+"""From a validated `SparsityConfig` to per-site rules on a loaded model.
+
+Top-k and FAT-epsilon need nothing but the model. PPL-p% and TEAL calibrate (or load cached thresholds)
+in `lm_sparse.calibrate`; they receive the engine, the tokenizer and the config, and return their rules and
+a JSON-able description of the calibration that lands in the results file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import SparsityConfig
+from .engine.arch import is_relu_family
+from .engine.engine import SparsityEngine
+from .engine.rules import Rule, Threshold, TopK
+
+
+def build_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: Any = None,
+                rank_context: Any = None) -> tuple[dict[int, Rule], dict[str, Any] | None]:
+    """Return ({site index: rule}, calibration info or None) for `config` on `engine`'s model."""
+    ffn_mid = engine.sites_in_groups("mlp_mid")
+    if config.rule == "topk":
+        return {s.index: TopK(float(config.level), s.in_features) for s in ffn_mid}, None
+    if config.rule == "fat":
+        return {s.index: Threshold(float(config.level)) for s in ffn_mid}, None
+    if config.rule == "pplp":
+        from .calibrate.pplp import build_pplp_rules
+
+        return build_pplp_rules(engine, config, tokenizer, rank_context)
+    if config.rule == "teal":
+        from .calibrate.teal import build_teal_rules
+
+        return build_teal_rules(engine, config, tokenizer, rank_context)
+    # Dense: count the FFN intermediate's natural zeros (exact zeros of ReLU-family FFNs), change nothing.
+    engine.count_natural_zeros()
+    return dict(engine.rules), None
+
+
+def describe_method(config: SparsityConfig, engine: SparsityEngine) -> str:
+    """A short human name for the method, for tables: 'topk=0.5', 'ppl_p=1', 'dense (relu)', ..."""
+    if config.rule == "dense":
+        return f"dense ({engine.activation})" if is_relu_family(engine.model.config) else "dense"
+    if config.rule == "pplp":
+        return f"ppl_p={config.level:g}"
+    if config.rule == "teal" and config.method == "teal":
+        return f"teal ppl_p={config.level:g}"
+    return f"{config.rule}={config.level:g}"

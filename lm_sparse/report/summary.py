@@ -1,0 +1,36 @@
+"""The short sparsity table printed after lm-eval's own results table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """Render `results['config']['sparsity']` as a small Markdown table (overall, per phase, per site)."""
+    lines = [
+        f"sparse-hf: {report.get('label', report.get('method'))}  "
+        f"(activation {report.get('activation')}, prefill policy {report.get('sparse_prefill')})",
+        "",
+        "|scope|tokens|sparsity|ffn|attn|",
+        "|-----|-----:|-------:|--:|---:|",
+        f"|all|{report.get('tokens', 0)}|{_pct(report.get('overall'))}|{_pct(report.get('ffn'))}|"
+        f"{_pct(report.get('attn'))}|",
+    ]
+    for phase, row in (report.get("phases") or {}).items():
+        lines.append(f"|{phase}|{row.get('tokens', 0)}|{_pct(row.get('sparsity'))}|{_pct(row.get('ffn'))}|"
+                     f"{_pct(row.get('attn'))}|")
+    execution = report.get("execution") or {}
+    per_layer = report.get("per_layer") or {}
+    if per_layer:
+        lines += ["", "|input of|mean|min|max|prefill path|decode path|", "|---|---:|---:|---:|---|---|"]
+        for name, values in per_layer.items():
+            vals = [v for v in values if v is not None]
+            paths = execution.get(name, {})
+            if vals:
+                lines.append(f"|{name}|{sum(vals) / len(vals):.4f}|{min(vals):.4f}|{max(vals):.4f}|"
+                             f"{paths.get('prefill', '-')}|{paths.get('decode', '-')}|")
+    return "\n".join(lines)
