@@ -131,19 +131,19 @@ class SparseHFLM(HFLM):
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         finally:
-            self.engine.counter.synchronize()
+            self.engine.counter.synchronize(distributed=self.world_size > 1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         try:
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         finally:
-            self.engine.counter.synchronize()
+            self.engine.counter.synchronize(distributed=self.world_size > 1)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         try:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         finally:
-            self.engine.counter.synchronize()
+            self.engine.counter.synchronize(distributed=self.world_size > 1)
 
     # -- reporting ------------------------------------------------------------------------------------
     def sparsity_report(self) -> dict[str, Any]:

@@ -102,12 +102,17 @@ class SparsityCounter:
         return idx, stacked
 
     # -- reduction -----------------------------------------------------------------------------------
-    def synchronize(self) -> None:
-        """Fold local counts into the totals, summed over all ranks when torch.distributed is running."""
+    def synchronize(self, distributed: bool | None = None) -> None:
+        """Fold local counts into the totals, summed over all ranks.
+
+        `distributed=None` reduces whenever torch.distributed runs with several ranks; the LM passes
+        False when its ranks evaluate independently (each then reports only what it ran itself).
+        """
         self.flush_pending()
         local = torch.cat([self._local_zeros.flatten(), self._local_tokens.flatten(), self._local_step_tokens])
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        running = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if running if distributed is None else (distributed and running):
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
         n = self._local_zeros.numel()
         self.zeros += local[:n].view_as(self.zeros)
