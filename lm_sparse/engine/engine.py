@@ -90,7 +90,8 @@ class SparsityEngine:
         ids = _first_tensor(args, kwargs, "input_ids", 0)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if isinstance(ids, torch.Tensor) else embeds
-        past = kwargs.get("past_key_values")
+        # transformers 5 calls the KV cache `cache`; 4.x called it `past_key_values`.
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = 0
         if past is not None and hasattr(past, "get_seq_length"):
             past_len = int(past.get_seq_length())

@@ -1,0 +1,37 @@
+"""HFLM's own arguments pass through sparse-hf untouched, next to the sparsity arguments."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import save_tiny_model
+from lm_sparse import SparseHFLM
+
+
+def test_hflm_arguments_keep_working(tmp_path, tiny_tokenizer_dir):
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "llama")
+    lm = SparseHFLM(pretrained=str(model_dir), topk="0.5", device="cpu", dtype="bfloat16", max_length=48,
+                    batch_size="auto", max_batch_size=4, revision="main", trust_remote_code=False,
+                    add_bos_token=True, logits_cache=False, attn_implementation="eager")
+    assert lm.model.dtype == torch.bfloat16
+    assert lm.max_length == 48
+    assert lm.batch_size_per_gpu == "auto" and lm.max_batch_size == 4
+    assert lm.add_bos_token is True and lm.logits_cache is False
+    assert lm.model.config._attn_implementation == "eager"  # a from_pretrained kwarg, passed through
+    assert lm.sparsity_config.rule == "topk" and lm.sparsity_config.level == 0.5
+    # the rule runs in the model's own dtype
+    ll = lm.loglikelihood_rolling.__func__  # bound method exists and is ours
+    assert ll.__qualname__.startswith("SparseHFLM")
+
+
+def test_prebuilt_model_instance(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = save_tiny_model("qwen2", tiny_tokenizer_dir, tmp_path / "qwen2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = SparseHFLM(pretrained=model, tokenizer=tok, fat=0.0)
+    assert lm.engine.sites[0].module is model.model.layers[0].self_attn.q_proj
+    # no copy of any weight: the engine holds the model's own modules
+    params = {p.data_ptr() for p in model.parameters()}
+    assert all(s.module.weight.data_ptr() in params for s in lm.engine.sites)

@@ -1,0 +1,183 @@
+"""Rules against direct references, and bad sparsity arguments failing in one line before any weight loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_model
+from lm_sparse.config import SparsityArgumentError, SparsityConfig, parse_sparsity_args
+from lm_sparse.engine import CountOnly, Threshold, TopK, UnsupportedArchitectureError
+
+torch.set_num_threads(1)
+
+
+# -- rules ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fraction,width,k", [(0.5, 64, 32), (0.25, 10, 3), (0.3, 5, 2), (0.001, 64, 1),
+                                               (1.0, 7, 7), (0.99, 64, 63)])
+def test_topk_k_is_rounded_fraction_of_width(fraction, width, k):
+    assert TopK(fraction, width).k == k
+
+
+def test_topk_keeps_largest_magnitudes_per_row():
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    y = TopK(0.5, 64)(x)
+    order = x.abs().sort(dim=-1, descending=True).indices
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[..., :32], True)
+    assert torch.equal(y, torch.where(keep, x, torch.zeros_like(x)))
+    assert ((y != 0).sum(-1) == 32).all()
+
+
+def test_topk_full_fraction_is_identity():
+    x = torch.randn(4, 16)
+    assert TopK(1.0, 16)(x) is x
+
+
+def test_threshold_keeps_strictly_greater_magnitudes():
+    x = torch.tensor([[-0.3, -0.1, 0.0, 0.1, 0.2, 0.5]], dtype=torch.float64)
+    assert Threshold(0.1)(x).tolist() == [[-0.3, 0.0, 0.0, 0.0, 0.2, 0.5]]
+    per_channel = torch.tensor([0.5, 0.0, 0.0, 0.2, 0.1, 0.6], dtype=torch.float64)
+    assert Threshold(per_channel)(x).tolist() == [[0.0, -0.1, 0.0, 0.0, 0.2, 0.0]]
+    half = Threshold(per_channel)(x.half())
+    assert half.dtype == torch.float16 and (half != 0).tolist() == [[False, True, False, False, True, False]]
+    assert Threshold(per_channel).describe()["per_channel"] is True
+    assert Threshold(0.1).describe() == {"rule": "threshold", "value": 0.1}
+
+
+def test_count_only_is_identity():
+    x = torch.randn(2, 3)
+    assert CountOnly()(x) is x
+
+
+# -- argument parsing ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [1, 1.0, "1", " 1.0 "])
+def test_ppl_p_int_float_and_string_parse_the_same(value):
+    assert parse_sparsity_args({"ppl_p": value}) == SparsityConfig(rule="pplp", level=1.0, method="pplp")
+
+
+def test_valid_arguments_parse():
+    assert parse_sparsity_args({}) == SparsityConfig()
+    assert parse_sparsity_args({"topk": "0.5"}) == SparsityConfig(rule="topk", level=0.5)
+    assert parse_sparsity_args({"topk": 1}).level == 1.0
+    assert parse_sparsity_args({"fat": 0}) == SparsityConfig(rule="fat", level=0.0)
+    assert parse_sparsity_args({"teal": 0.4}) == SparsityConfig(rule="teal", level=0.4)
+    teal_pplp = parse_sparsity_args({"ppl_p": 2, "method": "TEAL"})
+    assert (teal_pplp.rule, teal_pplp.level, teal_pplp.method) == ("teal", 2.0, "teal")
+    assert parse_sparsity_args({"topk": 0.5, "sparse_prefill": "last_half"}).sparse_prefill == "last_half"
+
+
+BAD_ARGS = [
+    ({"topk": 0}, "topk"), ({"topk": -1}, "topk"), ({"topk": 1.5}, "topk"), ({"topk": "abc"}, "topk"),
+    ({"topk": "nan"}, "topk"), ({"topk": True}, "topk"),
+    ({"fat": -0.1}, "fat"), ({"fat": "x"}, "fat"),
+    ({"ppl_p": 0}, "ppl_p"), ({"ppl_p": -1}, "ppl_p"), ({"ppl_p": "inf"}, "ppl_p"),
+    ({"teal": 1.0}, "teal"), ({"teal": -0.1}, "teal"),
+    ({"topk": 0.5, "fat": 0.1}, "topk and fat"), ({"ppl_p": 1, "teal": 0.5}, "ppl_p and teal"),
+    ({"topk": 0.5, "method": "teal"}, "method"), ({"ppl_p": 1, "method": "magic"}, "method"),
+    ({"topk": 0.5, "sparse_prefill": "half"}, "sparse_prefill"), ({"topk": 0.5, "calib_tokens": 10}, "calib_tokens"),
+    ({"ppl_p": 1, "calib_tokens": 0}, "calib_tokens"), ({"ppl_p": 1, "calib_tokens": 2.5}, "calib_tokens"),
+    ({"ppl_p": 1, "recalibrate": "maybe"}, "recalibrate"), ({"tpok": 0.5}, "tpok"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD_ARGS)
+def test_bad_arguments_raise_one_line_naming_the_argument(args, named):
+    with pytest.raises(SparsityArgumentError) as info:
+        parse_sparsity_args(args)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("sparse-hf: ")
+    assert named in message
+
+
+# -- SparseHFLM: errors come before any weight is loaded -------------------------------------------------
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Fail the test if anything tries to load model weights."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the argument error")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return save_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    config = AutoConfig.for_model("gpt2", n_embd=16, n_layer=1, n_head=2, vocab_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("args,named", [
+    ({"topK": 0.5}, "'topK'"), ({"tpok": 0.5}, "'tpok'"), ({"top_k": 0.5}, "'top_k'"),
+    ({"topk": 0.5, "fat": 0.1}, "topk and fat"), ({"topk": 0}, "topk"), ({"topk": -1}, "topk"),
+    ({"topk": 1.5}, "topk"), ({"topk": "abc"}, "topk"), ({"fat": -1}, "fat"), ({"ppl_p": 0}, "ppl_p"),
+    ({"ppl_p": -2}, "ppl_p"),
+])
+def test_sparse_hf_rejects_bad_arguments_before_loading(tiny_dir, no_weight_loading, args, named):
+    from lm_sparse.lm import SparseHFLM
+
+    with pytest.raises(SparsityArgumentError) as info:
+        SparseHFLM(pretrained=str(tiny_dir), device="cpu", **args)
+    assert "\n" not in str(info.value) and named in str(info.value)
+
+
+def test_sparse_hf_rejects_unsupported_architecture_before_loading(gpt2_dir, no_weight_loading):
+    from lm_sparse.engine.arch import ARCHITECTURES
+    from lm_sparse.lm import SparseHFLM
+
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        SparseHFLM(pretrained=str(gpt2_dir), device="cpu", topk=0.5)
+    message = str(info.value)
+    assert "\n" not in message and "'gpt2'" in message
+    assert all(name in message for name in ARCHITECTURES)
+
+
+def test_sparse_hf_ppl_p_spellings_parse_the_same(tiny_dir, no_weight_loading):
+    # Parsing happens before loading, so the refused load proves the value was accepted.
+    from lm_sparse.lm import SparseHFLM
+
+    for value in (1, 1.0, "1"):
+        with pytest.raises(AssertionError, match="weights were loaded"):
+            SparseHFLM(pretrained=str(tiny_dir), device="cpu", ppl_p=value)
+
+
+# -- command lines ---------------------------------------------------------------------------------------
+def test_cli_bad_argument_is_one_error_line(tiny_dir, tmp_path):
+    """`lm_eval --model sparse-hf` and `lm-sparse eval` both exit non-zero with one `error:` line."""
+    import os
+
+    from test_accounting import write_tiny_tasks
+
+    tasks = write_tiny_tasks(tmp_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    bin_dir = Path(sys.executable).parent
+    args = ["--model", "sparse-hf", "--model_args", f"pretrained={tiny_dir},topk=2", "--tasks", "tiny_mc",
+            "--include_path", tasks, "--device", "cpu"]
+    # Both start lm-eval (a few seconds of task indexing each): run them side by side.
+    procs = [subprocess.Popen(argv + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for argv in ([str(bin_dir / "lm_eval")], [str(bin_dir / "lm-sparse"), "eval"])]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr[-3000:]
+        assert "topk=2" in errors[0] and "(0, 1]" in errors[0]
+        assert "Traceback" not in stderr
