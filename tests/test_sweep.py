@@ -1,0 +1,98 @@
+"""lm-sparse sweep: levels, per-level model arguments and request caches, resuming, one real tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import save_tiny_model
+from lm_sparse.config import SparsityArgumentError
+from lm_sparse.report import sweep
+from lm_sparse.report.sweep import Level, level_model_args, parse_levels, request_cache_path, run_sweep
+
+
+def test_parse_levels_expands_values_and_puts_dense_first():
+    levels = parse_levels(["ppl_p=1,5", "teal=0.25"])
+    assert [lv.label for lv in levels] == ["dense", "ppl_p=1", "ppl_p=5", "teal=0.25"]
+    assert levels[1].args == {"ppl_p": "1"} and levels[1].slug == "ppl_p-1"
+    assert [lv.label for lv in parse_levels(["topk=0.5"], dense=False)] == ["topk=0.5"]
+
+
+@pytest.mark.parametrize("bad, message", [("topk", "RULE=V1,V2"), ("sparsity=0.5", "RULE=V1,V2"),
+                                          ("topk=0.5,,0.3", "empty value"), ("topk=1.5", "topk=")])
+def test_bad_levels_are_one_clear_error(bad, message):
+    with pytest.raises(SparsityArgumentError, match=message):
+        parse_levels([bad])
+
+
+def test_calibration_arguments_go_to_calibrated_levels_only():
+    base = {"pretrained": "m", "calib_data": "c.txt", "method": "pplp"}
+    assert level_model_args(base, Level("dense")) == "pretrained=m"
+    assert level_model_args(base, Level("topk=0.5", {"topk": "0.5"})) == "pretrained=m,topk=0.5"
+    assert level_model_args(base, Level("teal=0.4", {"teal": "0.4"})) == "pretrained=m,calib_data=c.txt,teal=0.4"
+    assert level_model_args(base, Level("ppl_p=1", {"ppl_p": "1"})) == \
+        "pretrained=m,calib_data=c.txt,method=pplp,ppl_p=1"
+    with pytest.raises(SparsityArgumentError, match="in --levels"):
+        level_model_args({"pretrained": "m", "topk": "0.5"}, Level("dense"))
+
+
+def test_request_cache_is_per_level_and_per_model_args(tmp_path: Path):
+    a = request_cache_path(tmp_path / "topk-0.5", "sparse-hf", "pretrained=m,topk=0.5")
+    b = request_cache_path(tmp_path / "topk-0.3", "sparse-hf", "pretrained=m,topk=0.3")
+    c = request_cache_path(tmp_path / "topk-0.5", "sparse-hf", "pretrained=other,topk=0.5")
+    assert len({a, b, c}) == 3 and a.startswith(str(tmp_path / "topk-0.5"))
+
+
+def _fake_results(level_dir: Path, model_args: str, tasks: list[str]) -> Path:
+    out = level_dir / "m" / "results_2026.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": {t: {"acc,none": 0.5} for t in tasks},
+                               "config": {"model_args": model_args}}))
+    return out
+
+
+def test_finished_levels_are_skipped_and_changed_args_rerun(tmp_path: Path, monkeypatch):
+    calls = []
+
+    def fake_evaluate(model, model_args, tasks, level_dir, include_path, eval_kwargs, use_cache):
+        calls.append(model_args)
+        return _fake_results(level_dir, model_args, tasks)
+
+    monkeypatch.setattr(sweep, "evaluate_level", fake_evaluate)
+    lines: list[str] = []
+    levels = parse_levels(["topk=0.5,0.3"])
+    run_sweep("sparse-hf", "pretrained=m", levels, ["t"], tmp_path, log=lines.append)
+    assert calls == ["pretrained=m", "pretrained=m,topk=0.5", "pretrained=m,topk=0.3"]
+    assert [ln.split(":")[0] for ln in lines if "done in" in ln] == ["[1/3] dense", "[2/3] topk=0.5",
+                                                                    "[3/3] topk=0.3"]
+    outcomes = run_sweep("sparse-hf", "pretrained=m", levels, ["t"], tmp_path, log=lines.append)
+    assert len(calls) == 3 and all(o.skipped for o in outcomes)
+    assert "already done, skipped" in lines[-1]
+    run_sweep("sparse-hf", "pretrained=m,dtype=float32", levels[:1], ["t"], tmp_path, log=lines.append)
+    assert calls[-1] == "pretrained=m,dtype=float32"  # other model arguments: not the finished level
+    run_sweep("sparse-hf", "pretrained=m", levels[:1], ["t", "u"], tmp_path, log=lines.append)
+    assert len(calls) == 5  # a task missing from the results file: run again
+
+
+def test_real_sweep_on_a_tiny_model_resumes(tmp_path: Path, tiny_tokenizer_dir: Path, capsys):
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    argv = ["--model_args", f"pretrained={model_dir}", "--levels", "topk=0.5", "--tasks", "lmsparse_smoke_mc",
+            "--output_path", str(tmp_path / "runs"), "--limit", "2", "--device", "cpu", "--batch_size", "4"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] dense: done in" in out and "[2/2] topk=0.5: done in" in out
+    files = sorted((tmp_path / "runs").rglob("results_*.json"))
+    assert [f.relative_to(tmp_path / "runs").parts[0] for f in files] == ["dense", "topk-0.5"]
+    sparse = json.loads(files[1].read_text())
+    assert sparse["config"]["sparsity"]["label"].startswith("topk")
+    assert sparse["config"]["use_cache"].startswith(str(tmp_path / "runs" / "topk-0.5" / "lm_cache"))
+    assert sparse["config"]["sparsity"]["ffn"] == pytest.approx(0.5, abs=0.02)
+    assert sweep.main(argv) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 2
+
+
+def test_sweep_cli_bad_levels_exit_2(capsys):
+    assert sweep.main(["--levels", "topk=2", "--tasks", "t", "--output_path", "x"]) == 2
+    assert "topk=" in capsys.readouterr().err
