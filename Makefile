@@ -22,7 +22,7 @@ $(BIN)/lm-sparse: pyproject.toml
 install: $(BIN)/lm-sparse
 
 demo: install
-	$(BIN)/lm-sparse demo
+	$(BIN)/lm-sparse demo --out lm_sparse_demo
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15
