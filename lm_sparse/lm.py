@@ -119,7 +119,23 @@ class SparseHFLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any):
         with self.engine.attached():
+            if self.engine.decode_executors and self._is_greedy(kwargs):
+                # Sparse kernels on CUDA: static KV cache + compiled decode step, so kernel time is not
+                # hidden behind Python overhead (lm_sparse/kernels/decode.py).
+                from lm_eval.models.utils_hf import stop_sequences_criteria
+
+                from .kernels.decode import generate_static
+
+                criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+                return generate_static(self.model, context, kwargs.get("attention_mask"),
+                                       max_length - context.shape[1], criteria, self.tokenizer.pad_token_id,
+                                       None)
             return super()._model_generate(context, max_length, stop, **kwargs)
+
+    @staticmethod
+    def _is_greedy(kwargs: dict[str, Any]) -> bool:
+        sampling = {k for k in kwargs if k not in ("attention_mask", "do_sample", "temperature", "until")}
+        return not kwargs.get("do_sample") and not kwargs.get("temperature") and not sampling
 
     def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
         # The probe batches are not real tokens: run them sparse (same cost) but do not count them.

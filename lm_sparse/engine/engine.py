@@ -60,6 +60,8 @@ class SparsityEngine:
         self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
         self.counting = True
         self.deferred = False
+        # Decode executors return (y, zeros per row) so counting needs no second masked copy of x.
+        self.executor_counts = True
         self._handles: list[Any] = []
         # per-forward state, set by the model-level pre-hook
         self._phase = PREFILL
@@ -81,8 +83,11 @@ class SparsityEngine:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
         self.set_rules({s.index: CountOnly() for s in self.sites_in_groups("mlp_mid")})
 
-    def set_decode_executor(self, site_index: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Let `fn(x)` compute the site's output (bias included) in decode steps instead of masked dense."""
+    def set_decode_executor(self, site_index: int, fn: Callable) -> None:
+        """Let `fn(x)` compute the site's output (bias included) in decode steps instead of masked dense.
+
+        With `executor_counts` (the default) `fn` returns (output, zero entries per token of the masked x).
+        """
         self.decode_executors[site_index] = fn
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -156,11 +161,15 @@ class SparsityEngine:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self._phase == DECODE:
+                if not self.executor_counts:
+                    if self.counting:
+                        y = self.rules[site.index](x)
+                        self._records[site.index] = (y == 0).sum(dim=-1).view(x.shape[0], -1)
+                    return executor(x)
+                out, zeros = executor(x)
                 if self.counting:
-                    rule = self.rules[site.index]
-                    y = rule(x)
-                    self._records[site.index] = (y == 0).sum(dim=-1).view(x.shape[0], -1)
-                return executor(x)
+                    self._records[site.index] = zeros.view(x.shape[0], -1)
+                return out
             new = pre(module, (x,))
             return dense_forward(new[0] if new is not None else x)
 

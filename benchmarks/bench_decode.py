@@ -1,0 +1,143 @@
+"""End-to-end decode tokens/s: dense vs TEAL-style thresholds with the sparse kernels, same engine both sides.
+
+A Llama-3-8B-shaped model with random weights (bf16) decodes 256 new tokens after a 128-token prompt at
+batch 1 through `lm_sparse.kernels.decode.generate_static` (static KV cache, compiled decode step on CUDA)
+with the sparsity engine attached (counting paused: the timing is the product path only). Every sparse
+level puts a threshold on the inputs of all seven matrices of every layer, at that quantile of |x| seen
+on the prompt (what TEAL's calibration produces), and hands decode steps to the kernels. Decode tokens/s
+= (new tokens - 1) / (time of the full run - time of a prefill-only run).
+
+    python benchmarks/bench_decode.py --out bench_decode.json       # GPU
+    python benchmarks/bench_decode.py --smoke                       # CPU: tiny model, Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
+from lm_sparse.engine.rules import Threshold  # noqa: E402
+from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
+from lm_sparse.kernels.decode import generate_static  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_theta=500000.0, hidden_act="silu")
+SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, hidden_act="silu")
+
+
+def build_model(smoke: bool, device: torch.device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**(SMOKE if smoke else LLAMA3_8B))
+    dtype = torch.float32 if smoke else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place, in its dtype: no float32 copy of 8B parameters
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def quantile_thresholds(engine: SparsityEngine, model, prompt: torch.Tensor, levels: list[float]) -> dict:
+    """{level: {site index: threshold}} at each level's quantile of the site's |input| on the prompt."""
+    samples: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(module, args):
+            x = args[0].detach().abs().float().flatten()
+            samples[index] = x[torch.randperm(x.numel(), device=x.device)[:200_000]]
+        return hook
+
+    handles = [s.module.register_forward_pre_hook(keep(s.index)) for s in engine.sites]
+    with torch.no_grad():
+        model(prompt)
+    for h in handles:
+        h.remove()
+    q = torch.tensor(levels, device=prompt.device)
+    per_site = {i: torch.quantile(v, q).tolist() for i, v in samples.items()}
+    return {lvl: {i: per_site[i][j] for i in per_site} for j, lvl in enumerate(levels)}
+
+
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Median wall seconds of generate_static (after one warm-up run that compiles)."""
+    def once() -> float:
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate_static(model, prompt, None, new_tokens, None, 0, [-1])
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    full = timed_generate(model, prompt, new_tokens, repeats)
+    prefill = timed_generate(model, prompt, 1, repeats)
+    return (new_tokens - 1) / (full - prefill) if full > prefill else float("nan")  # nan: below timer noise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--levels", default="0.25,0.4,0.5,0.7")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("--smoke is required without a CUDA device")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompt_len, new_tokens = (16, 6) if args.smoke else (args.prompt, args.new_tokens)
+    repeats = 2 if args.smoke else args.repeats
+    levels = [float(v) for v in args.levels.split(",")]
+
+    model = build_model(args.smoke, device)
+    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_len), device=device)
+    engine = SparsityEngine(model, pad_token_id=0)
+    thresholds = quantile_thresholds(engine, model, prompt, levels)
+    rows = []
+    with engine.attached(), engine.paused():
+        rows.append({"mode": "dense", "level": 0.0,
+                     "tokens_per_s": decode_tokens_per_s(model, prompt, new_tokens, repeats)})
+        print(f"dense: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    for level in levels:
+        engine.set_rules({i: Threshold(t) for i, t in thresholds[level].items()})
+        engine.decode_executors.clear()
+        attach_decode_kernels(engine, required=True, allow_interpreter=args.smoke)
+        with engine.attached(), engine.paused():
+            tps = decode_tokens_per_s(model, prompt, new_tokens, repeats)
+        rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,
+                     "speedup": tps / rows[0]["tokens_per_s"]})
+        print(f"teal {level}: {tps:.1f} tokens/s", file=sys.stderr)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
+            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1}
+    print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}, "
+          f"prompt {prompt_len}, {new_tokens} new tokens, batch 1\n")
+    print("| mode | sparsity | decode tokens/s | speedup vs dense |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['level']:.2f} | {r['tokens_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Microbenchmark of the input-sparse GEMV (`lm_sparse::sparse_linear`) against cuBLAS dense F.linear.
+
+For every weight shape (in x out), batch and sparsity: median time (triton's do_bench, which flushes L2
+before every run, cycling through rotated inputs so no run sees the previous one's x), bytes the kernel
+actually reads (union of active weight rows + x + y), achieved GB/s, speedup over cuBLAS F.linear on the
+ordinary [out, in] weight at the same batch, and the ideal 1/(1-s). The device's copy bandwidth is
+measured in the same run. Prints a Markdown table and writes JSON.
+
+    python benchmarks/bench_gemv.py --out bench_gemv.json           # GPU: Llama-3-8B and 70B shapes, bf16
+    python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also pick the fastest tiling
+    python benchmarks/bench_gemv.py --smoke                         # CPU: tiny shapes, Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lm_sparse.kernels.reference import round_threshold  # noqa: E402
+from lm_sparse.kernels.sparse_gemv import LaunchConfig, choose_config, sparse_gemv  # noqa: E402
+
+SHAPES = {  # name: (in_features K, out_features N)
+    "8B up/gate 4096x14336": (4096, 14336),
+    "8B down 14336x4096": (14336, 4096),
+    "8B o 4096x4096": (4096, 4096),
+    "8B qkv 4096x6144": (4096, 6144),
+    "70B up 8192x28672": (8192, 28672),
+}
+SMOKE_SHAPES = {"smoke 96x80": (96, 80), "smoke 80x112": (80, 112)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _xt(pair: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    return {"x": pair[0], "threshold": pair[1]}
+
+
+def bench(fn, device: torch.device, reps: int = 5) -> float:
+    """Median seconds of fn(): triton's do_bench on CUDA, perf_counter elsewhere (smoke runs)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / bench(lambda: dst.copy_(src), device)
+
+
+def rotated_inputs(batch: int, k: int, sparsity: float, dtype: torch.dtype, device: torch.device, count: int):
+    """`count` (x, threshold) pairs whose rows each have about `sparsity` of |x| <= t."""
+    sets = []
+    for _ in range(count):
+        x = torch.randn(batch, k, device=device, dtype=torch.float32)
+        t = float(torch.quantile(x.abs()[0].float().cpu(), sparsity)) if sparsity > 0 else -1.0
+        x = x.to(dtype)
+        sets.append((x, round_threshold(t, dtype, device)))
+    return sets
+
+
+def sweep_configs(batch: int, k: int, n: int, smoke: bool) -> list[LaunchConfig]:
+    """Tile/split candidates for `--sweep` (the GPU defaults in `choose_config` come from these)."""
+    if smoke:
+        return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2)]
+    blocks_n = (64, 128, 256) if batch == 1 else (32, 64, 128)
+    blocks_k = (16, 32, 64) if batch == 1 else (32, 64, 128)
+    configs = []
+    for bn, bk in itertools.product(blocks_n, blocks_k):
+        for split in (1, 2, 4, 8, 16, 32):
+            if k // split >= bk:
+                configs.append(LaunchConfig(bn, bk, split, 4 if bn * bk <= 4096 else 8))
+    return configs
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    batches = [1, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
+    sparsities = [0.0, 0.5, 0.9] if args.smoke else [float(s) for s in args.sparsities.split(",")]
+    elt = torch.tensor([], dtype=dtype).element_size()
+    bandwidth = copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30))
+    rows = []
+    for name, (k, n) in shapes.items():
+        weight = torch.randn(n, k, device=device, dtype=dtype) / k**0.5  # cuBLAS baseline: ordinary layout
+        wt = weight.t().contiguous()
+        for batch in batches:
+            dense_sets = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(args.rotate)]
+            it = itertools.cycle(dense_sets)
+            t_dense = bench(lambda: torch.nn.functional.linear(next(it), weight), device)
+            config = choose_config(batch, k, n, device)
+            if args.sweep:  # pick the fastest tiling at s = 0.5 for this shape and batch
+                it_s = itertools.cycle(rotated_inputs(batch, k, 0.5, dtype, device, args.rotate))
+                timed = [(bench(lambda c=c: sparse_gemv(**_xt(next(it_s)), wt=wt, config=c), device), c)
+                         for c in sweep_configs(batch, k, n, args.smoke)]
+                config = min(timed, key=lambda tc: tc[0])[1]
+            for s in sparsities:
+                sets = rotated_inputs(batch, k, s, dtype, device, args.rotate)
+                it_s = itertools.cycle(sets)
+
+                def sparse_call():
+                    x, t = next(it_s)
+                    return sparse_gemv(x, wt, t, config=config)
+
+                t_sparse = bench(sparse_call, device)
+                x0, t0 = sets[0]
+                union = float((x0.abs().float() > t0).any(0).float().mean())
+                bytes_read = union * k * n * elt + batch * k * elt + batch * n * elt
+                rows.append({
+                    "shape": name, "in": k, "out": n, "batch": batch, "sparsity": s, "union_density": union,
+                    "dense_us": t_dense * 1e6, "sparse_us": t_sparse * 1e6, "bytes_read": bytes_read,
+                    "gb_per_s": bytes_read / t_sparse / 1e9, "speedup": t_dense / t_sparse,
+                    "ideal": 1 / max(1e-9, 1 - s), "config": dataclasses.asdict(config),
+                })
+                print(f"{name} b={batch} s={s}: {t_sparse * 1e6:.1f} us (dense {t_dense * 1e6:.1f} us)",
+                      file=sys.stderr)
+        del weight, wt
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype,
+            "copy_bandwidth_gb_per_s": bandwidth / 1e9, "rotate": args.rotate, "smoke": args.smoke}
+    print_table(rows, meta)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; "
+          f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s\n")
+    print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | sparse us | MB read | GB/s "
+          "| speedup | ideal | tiles (N, K, split) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.2f} | {r['union_density']:.2f} | "
+              f"{r['dense_us']:.1f} | {r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
+              f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | "
+              f"{r['config']['block_n']}, {r['config']['block_k']}, {r['config']['split_k']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--sparsities", default="0,0.25,0.5,0.7,0.8,0.9,0.95")
+    parser.add_argument("--rotate", type=int, default=8, help="distinct inputs cycled through")
+    parser.add_argument("--sweep", action="store_true", help="time tile/split candidates, use the fastest")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("--smoke is required without a CUDA device")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

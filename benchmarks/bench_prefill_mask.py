@@ -1,0 +1,126 @@
+"""Prefill masking overhead: dense forward vs masked forwards of a Llama-3-8B-shaped model (bf16).
+
+Rows, each the median time of one no-grad forward over the whole batch:
+- dense: no engine;
+- dense, input-major weights: the same, after every weight became a view of its W^T storage, q/k/v and
+  gate/up fused (the layout the decode kernels need): the cost of cuBLAS reading that layout;
+- naive mask: the engine's `Threshold` rule (`x.masked_fill(x.abs() <= t, 0)`) before all seven matrices;
+- fused mask: the same thresholds through the one-pass Triton kernel `lm_sparse::threshold_mask`.
+Thresholds are the 50% quantile of each site's |input|; counting is paused (this measures the masking).
+
+    python benchmarks/bench_prefill_mask.py --out bench_prefill_mask.json   # GPU: 8x1024 and 32x256 tokens
+    python benchmarks/bench_prefill_mask.py --smoke                         # CPU: tiny model, interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
+from lm_sparse.engine.rules import Threshold  # noqa: E402
+from lm_sparse.kernels.backend import make_fused_input_major, make_input_major  # noqa: E402
+from lm_sparse.kernels.reference import round_threshold  # noqa: E402
+from lm_sparse.kernels.threshold_mask import threshold_mask  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_decode import build_model, quantile_thresholds  # noqa: E402
+
+
+class FusedThreshold(Threshold):
+    """`Threshold` through the one-pass Triton masking kernel (same mask, one read and one write of x)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._cache[key] = round_threshold(self.threshold, x.dtype, x.device)
+        return threshold_mask(x, t)
+
+
+def time_forward(model, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward (CUDA events on GPU, perf_counter on CPU), after a warm-up."""
+    def once() -> float:
+        if ids.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(ids, logits_to_keep=1)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) * 1e-3
+        t0 = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        once()
+        return statistics.median(once() for _ in range(repeats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--shapes", default="8x1024,32x256", help="batch x tokens, comma-separated")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None, help="JSON output path")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("--smoke is required without a CUDA device")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [(2, 16)] if args.smoke else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    repeats = 2 if args.smoke else args.repeats
+
+    model = build_model(args.smoke, device)
+    engine = SparsityEngine(model, pad_token_id=0)
+    probe = torch.randint(3, model.config.vocab_size, (1, 128 if not args.smoke else 16), device=device)
+    thresholds = quantile_thresholds(engine, model, probe, [0.5])[0.5]
+    rows = []
+    for batch, seq in shapes:
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
+        times = {"dense": time_forward(model, ids, repeats)}
+        for mode, rule in (("naive mask", Threshold), ("fused mask", FusedThreshold)):
+            engine.set_rules({i: rule(t) for i, t in thresholds.items()})
+            with engine.attached(), engine.paused():
+                times[mode] = time_forward(model, ids, repeats)
+        rows.append({"batch": batch, "tokens": seq, **{k: v * 1e3 for k, v in times.items()}})
+        print(f"{batch}x{seq}: {times}", file=sys.stderr)
+    # The layout attach_decode_kernels makes: q/k/v and gate/up fused into one W^T each, o and down alone.
+    layers: dict[tuple[int, str], list] = {}
+    for s in engine.sites:
+        layers.setdefault((s.layer, s.group), []).append(s.module)
+    for modules in layers.values():
+        if len(modules) > 1:
+            make_fused_input_major(modules)
+        else:
+            make_input_major(modules[0])
+    for row in rows:
+        ids = torch.randint(3, model.config.vocab_size, (row["batch"], row["tokens"]), device=device)
+        row["dense, input-major weights"] = time_forward(model, ids, repeats) * 1e3
+
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16"}
+    modes = ["dense", "dense, input-major weights", "naive mask", "fused mask"]
+    print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}\n")
+    print("| batch x tokens | " + " | ".join(f"{m} ms (x dense)" for m in modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for r in rows:
+        cells = [f"{r[m]:.2f} ({r[m] / r['dense']:.3f}x)" for m in modes]
+        print(f"| {r['batch']}x{r['tokens']} | " + " | ".join(cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Hand the decode-step products of threshold sites to the sparse kernel (`lm_sparse::sparse_linear`).
+
+Which sites: every site whose rule is a `Threshold` (FAT, PPL-p%, TEAL). TEAL thresholds the inputs of all
+seven matrices, so all of them run the kernel; FAT and PPL-p% threshold the FFN intermediate, so only
+down_proj runs it (gate and up read the dense hidden state). Top-k is not a threshold (its mask depends
+on the rank of |x| in the row, with torch.topk's tie-breaking), so Top-k sites stay masked dense and the
+sparsity report says so per site.
+
+Each attached site's weight is re-stored once, input-major: wt = W^T [K, N] contiguous, and the module's
+`weight` becomes the view `wt.t()`. Prefill keeps running the module's ordinary F.linear (cuBLAS reads
+the transposed view as a plain NN GEMM, no copy) and memory does not grow.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..config import SparsityArgumentError
+from ..engine.rules import Threshold
+from .reference import round_threshold
+
+
+def kernel_device_problem(device: torch.device, allow_interpreter: bool = False) -> str | None:
+    """Why the kernels cannot run on `device` (None when they can): they need CUDA and triton.
+
+    `allow_interpreter` also accepts CPU models when TRITON_INTERPRET=1 (tests, `--smoke` benchmarks).
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # triton missing or broken
+        return f"sparse_kernels=on needs triton, which is not importable ({exc})"
+    if device.type == "cuda":
+        return None
+    if allow_interpreter and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None
+    return f"sparse_kernels=on needs a CUDA device (the model is on {device.type})"
+
+
+def make_input_major(module: nn.Linear) -> torch.Tensor:
+    """Re-store `module.weight` as W^T [K, N] contiguous and make the weight a view of it; return W^T.
+
+    Idempotent: a weight that already is such a view is returned as is. The old storage is freed once
+    nothing else references it, so the model keeps one copy of every weight.
+    """
+    weight = module.weight
+    wt = weight.t()
+    if wt.is_contiguous() and not weight.is_contiguous():
+        return wt
+    wt = weight.detach().t().contiguous()
+    module.weight = nn.Parameter(wt.t(), requires_grad=False)
+    return wt
+
+
+def _threshold_for(threshold: float | torch.Tensor):
+    """t rounded to x's dtype, on x's device, computed once per (device, dtype)."""
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def get(x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = round_threshold(threshold, x.dtype, x.device)
+        return t
+
+    return get
+
+
+def _run(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, with_counts: bool):
+    if with_counts:
+        return torch.ops.lm_sparse.sparse_linear_counted(x, wt, t, bias)
+    return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias)
+
+
+def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, with_counts: bool = False):
+    """fn(x [B, 1, K]) -> the module's output (bias included) through the sparse kernel.
+
+    With `with_counts` it returns (y, zeros [B, 1]): the zero entries of the masked x per row, counted
+    in the kernel's own pass, for an engine that records them instead of re-masking x.
+    """
+    from .sparse_gemv import sparse_linear  # noqa: F401  (registers the torch.ops.lm_sparse ops)
+
+    threshold_of = _threshold_for(threshold)
+
+    def execute(x: torch.Tensor):
+        wt = module.weight.t()  # the input-major storage (make_input_major)
+        if x.dtype != wt.dtype:  # autocast: the masked-dense path would run the GEMM in the weight's dtype
+            x = x.to(wt.dtype)
+        return _run(x, wt, threshold_of(x), module.bias, with_counts)
+
+    return execute
+
+
+def make_fused_input_major(modules: list[nn.Linear]) -> torch.Tensor:
+    """Store the weights of linears that read the same x (q/k/v, gate/up) as one W^T [K, sum N].
+
+    Each module's weight becomes the view of its column block (cuBLAS takes the row stride as its leading
+    dimension, no copy); returns the fused storage.
+    """
+    wt = torch.cat([m.weight.detach().t() for m in modules], dim=1).contiguous()
+    start = 0
+    for m in modules:
+        n = m.out_features
+        m.weight = nn.Parameter(wt[:, start:start + n].t(), requires_grad=False)
+        start += n
+    return wt
+
+
+def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | torch.Tensor,
+                                with_counts: bool = False) -> list:
+    """One executor per module; the first one called with a new x runs a single launch for all of them.
+
+    The group's modules share x and the threshold, so the union of active inputs is read once and the
+    others' outputs are handed out from that launch (two launches saved for q/k/v, one for gate/up).
+    """
+    from .sparse_gemv import sparse_linear  # noqa: F401
+
+    wt = make_fused_input_major(modules)
+    sizes = [m.out_features for m in modules]
+    biases = [m.bias for m in modules]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach() if b is not None else wt.new_zeros(n) for b, n in zip(biases, sizes)])
+    threshold_of = _threshold_for(threshold)
+    state: dict = {"x": None, "outs": None, "served": 0}
+
+    def executor(i: int):
+        def execute(x: torch.Tensor):
+            if state["x"] is not x:
+                xin = x.to(wt.dtype) if x.dtype != wt.dtype else x
+                out = _run(xin, wt, threshold_of(xin), bias, with_counts)
+                y, zeros = out if with_counts else (out, None)
+                state.update(x=x, outs=y.split(sizes, dim=-1), zeros=zeros, served=0)
+            y, zeros = state["outs"][i], state["zeros"]
+            state["served"] += 1
+            if state["served"] == len(modules):  # every member served: drop the references to x and y
+                state.update(x=None, outs=None, zeros=None)
+            return (y, zeros) if with_counts else y
+        return execute
+
+    return [executor(i) for i in range(len(modules))]
+
+
+def _same_threshold(rules: list[Threshold]) -> bool:
+    first = rules[0].threshold
+    for rule in rules[1:]:
+        t = rule.threshold
+        if isinstance(first, torch.Tensor) != isinstance(t, torch.Tensor):
+            return False
+        if isinstance(t, torch.Tensor) and not (t.shape == first.shape and torch.equal(t.to(first.device), first)):
+            return False
+        if not isinstance(t, torch.Tensor) and float(t) != float(first):
+            return False
+    return True
+
+
+def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_interpreter: bool = False) -> list[int]:
+    """Register the sparse kernel as decode executor of every threshold site; return their site indices.
+
+    Sites of one layer that read the same input with the same threshold (q/k/v, gate/up: TEAL's group
+    thresholds) share one fused launch when `fuse`. Does nothing (returns []) where the kernels cannot
+    run (no CUDA, no triton) or no site has a threshold rule; with `required` (sparse_kernels=on) those
+    cases raise one clear error instead. `allow_interpreter`: see `kernel_device_problem`.
+    """
+    from .sparse_gemv import SUPPORTED_DTYPES
+
+    device = next(engine.model.parameters()).device
+    problem = kernel_device_problem(device, allow_interpreter)
+    if problem is not None:
+        if required:
+            raise SparsityArgumentError(problem)
+        return []
+    # An engine that sets `executor_counts = True` takes (y, zeros) from executors (no re-masking).
+    with_counts = bool(getattr(engine, "executor_counts", False))
+    groups: dict[tuple[int, str], list] = {}
+    for site in engine.sites:
+        rule = engine.rules.get(site.index)
+        if not isinstance(rule, Threshold):
+            continue
+        if site.module.weight.dtype not in SUPPORTED_DTYPES:
+            if required:
+                raise SparsityArgumentError(
+                    f"sparse_kernels=on: weight dtype {site.module.weight.dtype} of {site.name} is not one of "
+                    "bfloat16, float16, float32")
+            continue
+        groups.setdefault((site.layer, site.group), []).append(site)
+    attached: list[int] = []
+    for sites in groups.values():
+        rules = [engine.rules[s.index] for s in sites]
+        modules = [s.module for s in sites]
+        fusable = (fuse and len(sites) > 1 and _same_threshold(rules)
+                   and len({(m.weight.dtype, m.weight.device) for m in modules}) == 1)
+        if fusable:
+            for site, fn in zip(sites, make_fused_decode_executors(modules, rules[0].threshold, with_counts)):
+                engine.set_decode_executor(site.index, fn)
+        else:
+            for site, rule in zip(sites, rules):
+                make_input_major(site.module)
+                engine.set_decode_executor(site.index, make_decode_executor(site.module, rule.threshold,
+                                                                            with_counts))
+        attached.extend(s.index for s in sites)
+    if required and not attached:
+        raise SparsityArgumentError(
+            "sparse_kernels=on: no site has a threshold rule (topk runs masked dense); "
+            "use sparse_kernels=auto or off")
+    return sorted(attached)

@@ -1,0 +1,124 @@
+"""Generation with a static KV cache and a compiled single-token decode step.
+
+`model.generate` spends most of a decode step in Python when the matrices are small or sparse; with a
+static cache every step has the same shapes, so the step compiles once (CUDA graphs on CUDA) and the
+sparse kernels' time is not hidden behind overhead. On CPU the same loop runs eagerly.
+
+Greedy only: it returns what `model.generate(do_sample=False)` returns for the same inputs (left-padded
+batches included): finished rows are filled with `pad_token_id`, and the loop stops when every row hit
+EOS or a stopping criterion, or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import StaticCache, StoppingCriteriaList
+
+
+def _eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos_ids: list[int]) -> torch.Tensor:
+    """transformers' rule: mask out pad tokens when a pad id is given, present and not an EOS id."""
+    if pad_token_id is not None and pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
+        return (input_ids != pad_token_id).long()
+    return torch.ones_like(input_ids)
+
+
+# Per model: the reusable StaticCache (and its key) and the compiled decode step.
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, to bound recompilations
+
+
+def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device) -> tuple[StaticCache, int]:
+    """The model's StaticCache for this batch and length bucket (reset and reused, or made anew), its length."""
+    state = _STATE.setdefault(model, {})
+    cache_len = -(-total // CACHE_BUCKET) * CACHE_BUCKET
+    key = (batch, cache_len, device)
+    cache = state.get("cache")
+    if cache is not None and state.get("cache_key") == key:
+        cache.reset()
+        return cache, cache_len
+    state.pop("cache", None)  # free the previous buffers before allocating new ones
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    state.update(cache=cache, cache_key=key)
+    return cache, cache_len
+
+
+def _decode_step(model: nn.Module) -> Callable:
+    def step(ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+             cache: StaticCache) -> torch.Tensor:
+        out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    return step
+
+
+@torch.no_grad()
+def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    max_new_tokens: int = 256, stopping_criteria: StoppingCriteriaList | None = None,
+                    pad_token_id: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                    compile: bool | None = None) -> torch.Tensor:
+    """Greedy decoding with a StaticCache: [B, prompt] ids -> [B, prompt + generated] ids.
+
+    `attention_mask` defaults to transformers' rule (pad tokens masked); `eos_token_id` to the model's
+    generation config; `compile` to True on CUDA (`torch.compile(mode="reduce-overhead")` on the decode
+    step), False elsewhere. `stopping_criteria` are called like in `generate` (ids, scores) -> [B] bool.
+    """
+    eos_ids = _eos_ids(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    if attention_mask is None:
+        attention_mask = default_attention_mask(input_ids, pad_token_id, eos_ids)
+    if max_new_tokens < 1:
+        return input_ids
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    if compile is None:
+        compile = device.type == "cuda"
+    cache, cache_len = _static_cache(model, batch, total, device)
+    # One mask of the cache's length for every step: fixed shapes, so the compiled step does not
+    # recompile from step to step (nor from call to call within one cache-length bucket).
+    mask = torch.zeros(batch, cache_len, dtype=torch.long, device=device)
+    mask[:, :prompt_len] = attention_mask
+    mask[:, prompt_len:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(eos_ids, device=device, dtype=input_ids.dtype)
+    criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
+
+    state = _STATE.setdefault(model, {})
+    step = _decode_step(model)
+    prefill_logits = step(input_ids, positions[:, :prompt_len], mask[:, :prompt_len], cache)
+    if compile:
+        if "compiled" not in state:  # compiled once per model, reused by every later call
+            state["compiled"] = torch.compile(step, mode="reduce-overhead", dynamic=False)
+        step = state["compiled"]
+
+    ids = torch.empty(batch, total, dtype=input_ids.dtype, device=device)
+    ids[:, :prompt_len] = input_ids
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    logits = prefill_logits
+    length = prompt_len
+    while True:
+        next_tokens = torch.where(unfinished, logits.argmax(-1), pad_token_id).to(ids.dtype)
+        ids[:, length] = next_tokens
+        length += 1
+        done = torch.isin(next_tokens, eos) if len(eos_ids) else torch.zeros_like(unfinished)
+        if len(criteria):
+            done = done | criteria(ids[:, :length], logits)
+        unfinished = unfinished & ~done
+        if length >= total or not bool(unfinished.any()):
+            break
+        logits = step(next_tokens[:, None], positions[:, length - 1:length], mask, cache)
+    return ids[:, :length]

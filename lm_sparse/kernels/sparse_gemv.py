@@ -1,0 +1,260 @@
+"""Input-sparse GEMV for decode steps: y = (x * (|x| > t)) @ W^T + bias, reading only active weight rows.
+
+Layout: the weight is stored input-major, wt = W^T of shape [K, N] (row k holds every output's weight for
+input k, contiguous). An inactive input k then skips one contiguous row of wt, so the bytes the kernel
+reads shrink with the sparsity of x. The module's own `weight` is the view `wt.t()` (see `backend.py`), so
+prefill still runs one cuBLAS GEMM on the same storage and no weight is stored twice.
+
+Kernel: the grid is (output blocks of BLOCK_N, SPLIT_K slices of K). A program walks its K slice in steps
+of BLOCK_K: it loads x for all (up to 8) rows, applies the threshold in registers (no masked copy of x is
+written), takes the union of the rows' active inputs, and loads only those rows of wt. Every weight is read
+at most once per launch, whatever the batch.
+
+Accumulation is float32. With SPLIT_K > 1 every slice writes float32 partial sums to its own slot of a
+[SPLIT_K, B, N] buffer and a second small kernel adds them (plus bias) and casts: no atomics at all, so the
+kernel works the same for bfloat16, float16 and float32, and its result is deterministic run to run (the
+greedy-decoding equality tests rely on that). The cost is one extra launch and SPLIT_K * B * N * 4 bytes of
+traffic, under 1% of the weight bytes for the shapes that matter. With SPLIT_K = 1 the first kernel writes y.
+
+Batch 1 multiplies and keeps a [BLOCK_K, BLOCK_N] accumulator (one reduction at the end); batch 2..8 pads
+the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows the union of active inputs is
+nearly dense anyway, so the op falls back to a dense GEMM on the masked input.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .reference import masked_input
+
+MAX_SPARSE_BATCH = 8
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# Triton picks interpreter or compiler when a kernel is decorated, i.e. when this module is imported.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    """True when this module's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, wt_ptr, t_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
+    B, K, N, stride_xb, stride_wk, stride_ob, k_per_split,
+    T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off
+
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)  # zero entries of the masked x, per row (COUNT)
+
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        if T_PER_CHANNEL:
+            t = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
+        else:
+            t = t_scalar
+        if USE_DOT:
+            xk_ok = b_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=xk_ok, other=0.0)
+            # keep = not(|x| <= t): the engine's Threshold rule exactly (NaN survives, as there).
+            keep = (~(tl.abs(x.to(tl.float32)) <= t)) & xk_ok
+            active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
+            w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                        mask=active[:, None] & n_ok[None, :], other=0.0)
+            xm = tl.where(keep, x, 0.0).to(w.dtype)
+            if COUNT:
+                zeros += tl.sum(((xm == 0) & xk_ok).to(tl.int32), axis=1)
+            if DOT_FP32:  # the CPU interpreter's bf16 dot is wrong; the GPU path keeps native dtypes
+                acc += tl.dot(xm.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            elif w.dtype == tl.float32:
+                acc += tl.dot(xm, w, input_precision="ieee")
+            else:
+                acc += tl.dot(xm, w, out_dtype=tl.float32)
+        else:
+            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+            keep = (~(tl.abs(x.to(tl.float32)) <= t)) & k_ok
+            w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
+                        mask=keep[:, None] & n_ok[None, :], other=0.0)
+            xm = tl.where(keep, x.to(tl.float32), 0.0)
+            acc2d += xm[:, None] * w.to(tl.float32)
+            if COUNT:
+                zeros += tl.sum(((xm == 0) & k_ok).to(tl.int32), axis=0)
+
+    if not USE_DOT:
+        acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
+    out_mask = b_ok[:, None] & n_ok[None, :]
+    if COUNT:  # every column block sees the same x: the first one writes this K slice's counts
+        if pid_n == 0:
+            tl.store(zeros_ptr + pid_k * B + offs_b, zeros, mask=b_ok)
+    if WRITE_PARTIAL:
+        slot = partial_ptr + pid_k * B * N
+        tl.store(slot + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, B, N, stride_ob, SPLIT_K,
+                            HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < B * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(partial_ptr + s * B * N + offs, mask=ok, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (offs // N) * stride_ob + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and K split of one launch (`choose_config` picks them; benchmarks may sweep them)."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_config(batch: int, k: int, n: int, device: torch.device) -> LaunchConfig:
+    """Tiles for `batch` rows of a [K, N] input-major weight: enough programs to fill every SM."""
+    if batch == 1:
+        block_n, block_k = 128, 32
+    else:
+        block_n, block_k = 64, 64
+    if interpreting() or device.type != "cuda":
+        block_n, block_k, sms = 32, 16, 2
+    else:
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    n_blocks = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(4 * sms, n_blocks), triton.cdiv(k, block_k)))
+    return LaunchConfig(block_n, block_k, split)
+
+
+def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor | None = None,
+                config: LaunchConfig | None = None, out: torch.Tensor | None = None,
+                count_zeros: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel: x [B, K] (B <= MAX_SPARSE_BATCH, unit stride in K), wt [K, N] contiguous rows.
+
+    `threshold` is float32, rounded to x's dtype (`reference.round_threshold`): 0-d for one scalar, or
+    1-d of length K per input channel. Returns y [B, N] in x's dtype; with `count_zeros` also the number
+    of zero entries of the masked x per row (int64 [B]), counted in the same pass.
+    """
+    B, K = x.shape
+    N = wt.shape[1]
+    if B > MAX_SPARSE_BATCH:
+        raise ValueError(f"sparse_gemv: batch {B} > {MAX_SPARSE_BATCH}; use the dense path")
+    if x.stride(-1) != 1 or wt.stride(-1) != 1:
+        raise ValueError("sparse_gemv: x and wt need unit stride in their last dimension")
+    cfg = config or choose_config(B, K, N, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(K, k_per_split)
+    if out is None:
+        out = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    partial = torch.empty((split, B, N), device=x.device, dtype=torch.float32) if split > 1 else out
+    use_dot = B > 1
+    bias_arg = bias if bias is not None else out
+    zeros = torch.empty((split, B), device=x.device, dtype=torch.int32) if count_zeros else out
+    _sparse_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
+        x, wt, threshold, bias_arg, out, partial, zeros,
+        B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split,
+        T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
+        COUNT=count_zeros,
+        USE_DOT=use_dot, DOT_FP32=interpreting(),
+        BLOCK_B=16 if use_dot else 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+    )
+    if split > 1:
+        block = 1024
+        _reduce_partials_kernel[(triton.cdiv(B * N, block),)](
+            partial, bias_arg, out, B, N, out.stride(0), split,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
+    if count_zeros:
+        return out, zeros.sum(0, dtype=torch.int64)
+    return out
+
+
+def dense_masked_linear(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """The dense fallback: one GEMM on the masked input (the engine's masked-dense path)."""
+    return F.linear(masked_input(x, threshold), wt.t(), bias)
+
+
+@torch.library.custom_op("lm_sparse::sparse_linear", mutates_args=())
+def sparse_linear(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x * (|x| > t)) @ wt + bias for x [..., K]; sparse kernel for <= 8 rows, dense GEMM above.
+
+    wt is the input-major weight [K, N]; threshold is float32 rounded to x's dtype (0-d or [K]).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > MAX_SPARSE_BATCH or x2.shape[0] == 0:
+        y = dense_masked_linear(x2, wt, threshold, bias)
+    else:
+        y = sparse_gemv(x2.contiguous(), wt, threshold, bias)
+    return y.reshape(*lead, wt.shape[1])
+
+
+@sparse_linear.register_fake
+def _sparse_linear_fake(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], wt.shape[1]))
+
+
+@torch.library.custom_op("lm_sparse::sparse_linear_counted", mutates_args=())
+def sparse_linear_counted(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_linear` plus the number of zero entries of the masked x per row (int64, x.shape[:-1]).
+
+    The count is what the engine records for its sparsity report; counting in the kernel's own pass
+    spares the decode step a masked copy and a reduction per matrix.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > MAX_SPARSE_BATCH or x2.shape[0] == 0:
+        xm = masked_input(x2, threshold)
+        y, zeros = F.linear(xm, wt.t(), bias), (xm == 0).sum(-1)
+    else:
+        y, zeros = sparse_gemv(x2.contiguous(), wt, threshold, bias, count_zeros=True)
+    return y.reshape(*lead, wt.shape[1]), zeros.reshape(lead)
+
+
+@sparse_linear_counted.register_fake
+def _sparse_linear_counted_fake(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
+                                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty((*x.shape[:-1], wt.shape[1])), x.new_empty(x.shape[:-1], dtype=torch.int64)

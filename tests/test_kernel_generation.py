@@ -1,0 +1,205 @@
+"""Generation with the sparse kernels gives the masked-dense path's tokens; the static-cache loop gives generate's.
+
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), where the
+decode backend accepts CPU tensors, on tiny random models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import make_tiny_model, save_tiny_model
+
+# Without CUDA the kernels run in Triton's interpreter (set before they are decorated, kept for launches).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
+from lm_sparse.engine.rules import Threshold, TopK  # noqa: E402
+from lm_sparse.kernels import backend  # noqa: E402
+from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
+from lm_sparse.kernels.decode import generate_static  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_interpreter_on_cpu(monkeypatch):
+    """One thread; without CUDA, the backend accepts CPU models (the kernels run interpreted)."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(backend, "kernel_device_problem", lambda device, allow_interpreter=False: None)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _prompts(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (3..127) with row r left-padded by 2r pad tokens (id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, length), generator=g)
+    for r in range(batch):
+        ids[r, : 2 * r] = 0
+    return ids.to(DEVICE), (ids != 0).long().to(DEVICE)
+
+
+def _model(name: str = "llama"):
+    model = make_tiny_model(name).to(DEVICE)
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_static_matches_generate(batch):
+    model = _model()
+    ids, mask = _prompts(batch, 7)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    got = generate_static(model, ids, None, max_new_tokens=10, stopping_criteria=None, pad_token_id=0,
+                          eos_token_id=None)
+    assert torch.equal(got, expected)
+
+
+def test_generate_static_reuses_its_cache_across_calls():
+    """Consecutive calls (other prompts, lengths, batch sizes) reset and reuse the cache correctly."""
+    model = _model()
+    for batch, length, new in ((3, 7, 9), (3, 9, 4), (1, 5, 6), (3, 7, 9)):
+        ids, mask = _prompts(batch, length, seed=length)
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert torch.equal(generate_static(model, ids, None, new, None, 0, None), expected)
+
+
+def test_generate_static_stops_and_pads_like_generate():
+    """A row that hits EOS early is padded afterwards; the loop ends when every row is done."""
+    model = _model()
+    ids, mask = _prompts(3, 7)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eos = int(free[0, 9])  # a token row 0 generates early, so it stops there
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                              eos_token_id=eos)
+    got = generate_static(model, ids, mask, 10, None, 0, eos)
+    assert torch.equal(got, expected)
+    assert int(got[0, 9]) == eos and (got[0, 10:] == 0).all()  # row 0 stopped at EOS, then padding
+
+
+def _threshold_rules(engine: SparsityEngine, model, ids, mask, sparsity: float) -> dict:
+    """TEAL-like: a scalar threshold per site at the `sparsity` quantile of its prefill inputs; per-channel for down."""
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [s.module.register_forward_pre_hook(
+        lambda m, a, i=s.index: inputs.__setitem__(i, a[0].detach().abs().float().flatten())) for s in engine.sites]
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    rules = {}
+    for s in engine.sites:
+        q = float(torch.quantile(inputs[s.index].cpu(), sparsity))
+        if s.name == "down":
+            scale = torch.linspace(0.5, 1.5, s.in_features, device=DEVICE)
+            rules[s.index] = Threshold(q * scale)
+        else:
+            rules[s.index] = Threshold(q)
+    return rules
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_engine_decode_with_kernels_matches_masked_dense(batch, monkeypatch):
+    """Batch 1 (GEMV path) through generate_static, batch 3 (left-padded, dot path) through generate."""
+    model = _model()
+    ids, mask = _prompts(batch, 8)
+    engine = SparsityEngine(model, pad_token_id=0)
+    engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
+
+    def generate() -> torch.Tensor:
+        if batch == 1:
+            return generate_static(model, ids, mask, 6, None, 0, None)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    with engine.attached():
+        dense_tokens = generate()
+
+    launches = {"n": 0}
+    run = backend._run
+
+    def counted_run(*args):
+        launches["n"] += 1
+        return run(*args)
+
+    monkeypatch.setattr(backend, "_run", counted_run)
+    attached = attach_decode_kernels(engine, required=True)
+    assert sorted(attached) == [s.index for s in engine.sites]  # every site has a threshold rule
+    qkv = [s.module.weight for s in engine.sites_named("q", "k", "v") if s.layer == 0]
+    assert len({w.untyped_storage().data_ptr() for w in qkv}) == 1  # views of one fused storage
+    calls = {"n": 0}
+    for index, fn in list(engine.decode_executors.items()):
+        def counted(x, fn=fn):
+            calls["n"] += 1
+            return fn(x)
+        engine.decode_executors[index] = counted
+    with engine.attached():
+        kernel_tokens = generate()
+    assert calls["n"] == 5 * len(engine.sites)  # 5 decode steps after the prefill, every site
+    # q/k/v and gate/up read one x with one threshold (same quantile): 4 launches per layer, not 7
+    assert launches["n"] == 5 * 4 * len(model.model.layers)
+    assert torch.equal(kernel_tokens, dense_tokens)
+    engine.counter.synchronize()
+    report = engine.report()
+    assert report["execution"]["down"] == {"prefill": "masked_dense", "decode": "sparse_kernel"}
+    assert 0.3 < report["phases"]["decode"]["sparsity"] < 0.7
+
+
+def test_executor_with_counts_returns_the_engines_zero_count():
+    from lm_sparse.kernels.backend import make_decode_executor, make_input_major
+
+    model = _model()
+    down = model.model.layers[0].mlp.down_proj
+    make_input_major(down)
+    x = torch.randn(3, 1, down.in_features, device=DEVICE)
+    rule = Threshold(0.5)
+    y, zeros = make_decode_executor(down, 0.5, with_counts=True)(x)
+    torch.testing.assert_close(y, down(rule(x)))
+    assert torch.equal(zeros, (rule(x) == 0).sum(-1))
+
+
+def test_topk_sites_stay_masked_dense():
+    model = _model()
+    engine = SparsityEngine(model, pad_token_id=0)
+    engine.set_rules({s.index: TopK(0.5, s.in_features) for s in engine.sites_named("down")})
+    assert attach_decode_kernels(engine, required=False) == []
+    from lm_sparse.config import SparsityArgumentError
+
+    with pytest.raises(SparsityArgumentError, match="sparse_kernels=on: no site has a threshold rule"):
+        attach_decode_kernels(engine, required=True)
+    assert engine.report()["execution"]["down"]["decode"] == "masked_dense"
+
+
+def _generate_until(lm, contexts: list[str]) -> list[str]:
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance(request_type="generate_until", doc={}, idx=i,
+                         arguments=(c, {"until": ["w7"], "max_gen_toks": 8, "do_sample": False}))
+                for i, c in enumerate(contexts)]
+    return lm.generate_until(requests, disable_tqdm=True)
+
+
+def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_tokenizer_dir):
+    """`sparse-hf` with fat=EPS: down_proj runs the kernel in decode steps, and the text is the same."""
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    contexts = ["w3 w9 w27 w81", "w5 w10 w15 w20 w25 w30", "w100"]
+    outputs, reports = {}, {}
+    for mode in ("off", "on"):
+        lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels=mode, device=DEVICE,
+                        batch_size=3, dtype="float32")
+        outputs[mode] = _generate_until(lm, contexts)
+        reports[mode] = lm.sparsity_report()
+    assert outputs["on"] == outputs["off"]
+    assert all(len(o.split()) > 0 for o in outputs["off"])
+    assert reports["off"]["execution"]["down"]["decode"] == "masked_dense"
+    assert reports["on"]["execution"]["down"] == {"prefill": "masked_dense", "decode": "sparse_kernel"}
+    on, off = reports["on"]["phases"]["decode"], reports["off"]["phases"]["decode"]
+    assert on["tokens"] == off["tokens"] > 0 and on["sparsity"] == off["sparsity"]
+    assert 0.1 < on["sparsity"] < 0.9

@@ -1,0 +1,249 @@
+"""The sparse kernels against float64 torch references, under Triton's CPU interpreter.
+
+TRITON_INTERPRET=1 is set before triton is imported (it is read when a kernel is decorated), so every
+kernel runs on CPU tensors here. Shapes are small and odd (not multiples of the tiles); outputs are
+poisoned with NaN before each run so an element the kernel forgets to write fails the comparison.
+
+Tolerance: one unit in the last place of the output dtype (the CPU interpreter rounds float32 to bfloat16
+toward zero, the GPU to nearest) plus float32 accumulation error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+# Interpret on CPU-only machines (read when the kernels are decorated, at import, and when Triton launches
+# them: so it stays set; the backend itself never runs kernels on CPU). On a GPU the same tests run the
+# compiled kernels on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+from lm_sparse.kernels.sparse_gemv import (  # noqa: E402
+    LaunchConfig,
+    interpreting,
+    sparse_gemv,
+    sparse_linear,
+    sparse_linear_counted,
+)
+from lm_sparse.kernels.threshold_mask import threshold_mask  # noqa: E402
+from lm_sparse.kernels.reference import masked_input, round_threshold, sparse_linear_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+assert interpreting() == (DEVICE == "cpu"), "lm_sparse.kernels was imported before TRITON_INTERPRET was set"
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inputs(batch: int, k: int, n: int, dtype: torch.dtype, sparsity: float, per_channel: bool,
+            seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random x, wt, bias and a threshold that zeroes about `sparsity` of x (all of x when sparsity is 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, k, generator=g).to(dtype)
+    wt = torch.randn(k, n, generator=g).div(k**0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    if sparsity >= 1.0:
+        x.zero_()
+        t = torch.zeros(k) if per_channel else 0.0
+    elif per_channel:
+        # A different threshold per input channel, at the given quantile of |x| on average.
+        base = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else -1.0
+        t = (torch.rand(k, generator=g) * 0.4 + 0.8) * base
+    else:
+        t = float(torch.quantile(x.abs().float().flatten(), sparsity)) if sparsity > 0 else -1.0
+    return x, wt, bias, round_threshold(t, dtype)
+
+
+def _on_device(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor) -> None:
+    assert not torch.isnan(y).any(), "kernel left unwritten (NaN-poisoned) outputs"
+    dtype = y.dtype
+    scale = masked_input(x, t).abs().double() @ wt.abs().double()
+    tol = EPS[dtype] * ref.abs() + 1e-6 * scale + 1e-6
+    err = (y.double() - ref).abs()
+    worst = int((err - tol).argmax())
+    assert (err <= tol).all(), (f"error {float(err.flatten()[worst]):.3g} > tolerance "
+                                f"{float(tol.flatten()[worst]):.3g}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
+def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
+    k, n = 83, 77  # not multiples of the interpreter tiles (16 x 32)
+    for per_channel, bias_on in ((False, True), (True, False)):
+        x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 100 + int(sparsity * 10))
+        b = bias if bias_on else None
+        out = torch.full((batch, n), float("nan"), dtype=dtype, device=DEVICE)
+        result = sparse_gemv(*_on_device(x, wt, t, b), out=out, count_zeros=per_channel)
+        y, zeros = result if per_channel else (result, None)
+        _check(y.cpu(), sparse_linear_reference(x, wt, t, b), x, wt, t)
+        if per_channel:  # the fused count equals the engine's (masked x == 0).sum(-1)
+            assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+
+
+@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 3), LaunchConfig(64, 16, 8)],
+                         ids=["direct", "split3", "split8"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_sparse_gemv_tilings(config, batch):
+    """Direct write (no split) and split-K with a partial reduce give the same float64-close result."""
+    x, wt, bias, t = _inputs(batch, 101, 45, torch.bfloat16, 0.5, True, seed=7)
+    out = torch.full((batch, 45), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    y = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out)
+    _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
+
+
+def test_threshold_semantics_match_engine_rule():
+    """Entries equal to the threshold (in x's dtype) are dropped, NaN survives: as `Threshold` does."""
+    from lm_sparse.engine.rules import Threshold
+
+    values = [0.1, -0.1, 0.10009765625, 0.2, -0.3, 0.0, 0.05, -0.0]
+    x = torch.tensor([values], dtype=torch.bfloat16)
+    wt = torch.eye(8, dtype=torch.bfloat16)
+    t = round_threshold(0.1, torch.bfloat16)
+    y = sparse_gemv(*_on_device(x, wt, t)).cpu()
+    assert torch.equal(y, Threshold(0.1)(x))
+    x_nan = torch.tensor([values + [float("nan")]], dtype=torch.bfloat16)
+    masked = threshold_mask(*_on_device(x_nan, t)).cpu()
+    torch.testing.assert_close(masked, Threshold(0.1)(x_nan), equal_nan=True, rtol=0, atol=0)
+
+
+def test_custom_op_shapes_dense_fallback_and_opcheck():
+    x, wt, bias, t = _inputs(12, 40, 24, torch.float32, 0.5, False, seed=3)
+    xd, wtd, td, biasd = _on_device(x, wt, t, bias)
+    # 12 rows > 8: dense GEMM on the masked input; 3-d input as the decode step passes it
+    y = sparse_linear(xd.view(12, 1, 40), wtd, td, biasd)
+    assert y.shape == (12, 1, 24)
+    _check(y.cpu().view(12, 24), sparse_linear_reference(x, wt, t, bias), x, wt, t)
+    y = sparse_linear(xd[:3].view(3, 1, 40), wtd, td, biasd)
+    _check(y.cpu().view(3, 24), sparse_linear_reference(x[:3], wt, t, bias), x[:3], wt, t)
+    torch.library.opcheck(torch.ops.lm_sparse.sparse_linear, (xd[:2].view(2, 1, 40), wtd, td, biasd),
+                          test_utils=("test_schema", "test_faketensor"))
+    for rows in (3, 12):  # kernel and dense fallback: output and per-row zero counts
+        y, zeros = sparse_linear_counted(xd[:rows].view(rows, 1, 40), wtd, td, biasd)
+        assert y.shape == (rows, 1, 24) and zeros.shape == (rows, 1) and zeros.dtype == torch.int64
+        _check(y.cpu().view(rows, 24), sparse_linear_reference(x[:rows], wt, t, bias), x[:rows], wt, t)
+        assert torch.equal(zeros.cpu().view(rows), (masked_input(x[:rows], t) == 0).sum(-1))
+    torch.library.opcheck(torch.ops.lm_sparse.sparse_linear_counted, (xd[:2].view(2, 1, 40), wtd, td, biasd),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_custom_op_traces_fullgraph():
+    """The fake implementation lets torch.compile (fullgraph) trace through the op without a break."""
+    import torch._dynamo.testing
+
+    x, wt, bias, t = _inputs(2, 40, 24, torch.float32, 0.5, False, seed=4)
+    xd, wtd, td, biasd = _on_device(x, wt, t, bias)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(x):
+        return torch.ops.lm_sparse.sparse_linear(x, wtd, td, biasd) * 2
+
+    y = step(xd.view(2, 1, 40))
+    assert counter.frame_count == 1
+    _check(y.cpu().view(2, 24) / 2, sparse_linear_reference(x, wt, t, bias), x, wt, t)
+
+
+def test_input_major_weight_is_a_view_and_linear_still_works():
+    from lm_sparse.kernels.backend import make_input_major
+
+    lin = nn.Linear(40, 24)
+    x = torch.randn(5, 40)
+    before = lin(x)
+    wt = make_input_major(lin)
+    assert wt.shape == (40, 24) and wt.is_contiguous()
+    assert lin.weight.data_ptr() == wt.data_ptr() and lin.weight.shape == (24, 40)
+    torch.testing.assert_close(lin(x), before)
+    assert make_input_major(lin).data_ptr() == wt.data_ptr()  # idempotent, no second copy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "channel"])
+def test_threshold_mask_matches_reference(dtype, per_channel):
+    for shape, sparsity in (((3, 7, 83), 0.5), ((2, 130), 0.0), ((1, 1, 83), 1.0), ((5, 83), 0.99)):
+        x, _, _, t = _inputs(int(torch.tensor(shape[:-1]).prod()), shape[-1], 1, dtype, sparsity, per_channel,
+                             seed=len(shape))
+        x = x.view(shape)
+        y = threshold_mask(*_on_device(x, t)).cpu()
+        assert y.dtype == dtype and y.shape == x.shape
+        assert torch.equal(y, masked_input(x, t))
+
+
+def test_kernels_need_cuda_outside_the_tests():
+    from lm_sparse.kernels.backend import kernel_device_problem
+
+    assert kernel_device_problem(torch.device("cpu")) == "sparse_kernels=on needs a CUDA device (the model is on cpu)"
+    if interpreting():  # the tests' and --smoke benchmarks' way in
+        assert kernel_device_problem(torch.device("cpu"), allow_interpreter=True) is None
+
+
+_COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lm_sparse.kernels import sparse_gemv as sg, threshold_mask as tm
+
+target = GPUTarget("cuda", 90, 32)
+ints = ("B", "K", "N", "stride_xb", "stride_wk", "stride_ob", "k_per_split")
+for dtype in ("bf16", "fp16", "fp32"):
+    p = f"*{dtype}"
+    for use_dot in (False, True):
+        sig = {"x_ptr": p, "wt_ptr": p, "t_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "partial_ptr": "*fp32",
+               "zeros_ptr": "*i32", **{n: "i32" for n in ints}}
+        consts = dict(T_PER_CHANNEL=use_dot, HAS_BIAS=True, WRITE_PARTIAL=use_dot, COUNT=True, USE_DOT=use_dot,
+                      DOT_FP32=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=64 if use_dot else 32,
+                      BLOCK_N=64 if use_dot else 128)
+        sig.update({k: "constexpr" for k in consts})
+        triton.compile(ASTSource(fn=sg._sparse_gemv_kernel, signature=sig, constexprs=consts), target=target)
+    consts = dict(HAS_BIAS=True, BLOCK=1024)
+    sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "B": "i32", "N": "i32", "stride_ob": "i32",
+           "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
+    triton.compile(ASTSource(fn=sg._reduce_partials_kernel, signature=sig, constexprs=consts), target=target)
+    consts = dict(T_PER_CHANNEL=True, BLOCK=1024)
+    sig = {"x_ptr": p, "t_ptr": "*fp32", "y_ptr": p, "numel": "i32", "K": "i32", **{k: "constexpr" for k in consts}}
+    triton.compile(ASTSource(fn=tm._threshold_mask_kernel, signature=sig, constexprs=consts), target=target)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_h100_without_a_gpu(tmp_path):
+    """The GPU code path (native-dtype tl.dot, fused counts, reduce, mask) compiles to sm_90 cubin here.
+
+    The interpreter runs the kernels' semantics; this runs Triton's real compiler (bundled ptxas), which
+    needs no GPU, so the code the GPU will run is at least valid for an H100.
+    """
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),
+           "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_sparse_linear_on_gpu_native(dtype):
+    """On a GPU the tensor-core dot path (native dtypes) runs instead of the interpreter's float32 dot."""
+    for batch in (1, 2, 8):
+        x, wt, bias, t = (v.cuda() for v in _inputs(batch, 1000, 515, dtype, 0.5, True, seed=batch))
+        out = torch.full((batch, 515), float("nan"), dtype=dtype, device="cuda")
+        y = sparse_gemv(x, wt, t, bias, out=out)
+        _check(y.cpu(), sparse_linear_reference(x, wt, t, bias).cpu(), x.cpu(), wt.cpu(), t.cpu())
