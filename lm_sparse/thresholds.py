@@ -1,0 +1,409 @@
+"""The threshold cache shared by PPL-p% and TEAL: one JSON + safetensors pair per calibration.
+
+A calibration is identified by a key, the sha256 of the canonical JSON of everything that determines its
+result (model identity, dtype, method and parameters, data identity, token count, sequence length, seed,
+format version, lm-sparse version). Fields named `source` say where something was read from and are kept
+in the file but left out of the key: the same weights or the same text at another path hit the same entry.
+
+Files: `<method>-<key[:16]>.json` (human-readable: key fields, measured results, sha256 of the tensors)
+and `<method>-<key[:16]>.safetensors` (the threshold vectors). Lookup order in `load_or_compute`:
+an explicit `path` (thresholds=FILE), the shipped files (repo `thresholds/`, installed
+`lm_sparse/data/thresholds`), then the user cache `<cache_root()>/thresholds`. A file that is corrupt,
+truncated, tampered with, from another model or another format version is never used: one warning line,
+then the calibration runs again. Writes are atomic (temp file + os.replace, the JSON last) and run under
+a file lock, so a second process calibrating the same key waits and loads the first one's result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import SparsityArgumentError
+from .models import cache_root
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_REPO_SHIPPED = Path(__file__).resolve().parent.parent / "thresholds"
+_INSTALLED_SHIPPED = Path(__file__).resolve().parent / "data" / "thresholds"
+SHIPPED_DIRS = (_REPO_SHIPPED, _INSTALLED_SHIPPED)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+FULL_HASH_LIMIT = 1 << 30  # above 1 GiB of weights, hash names, sizes and the first/last MiB of each file
+_MIB = 1 << 20
+
+
+class ThresholdsFileError(ValueError):
+    """A thresholds file is unreadable, inconsistent, or not for this model/method."""
+
+
+# -- identities ---------------------------------------------------------------------------------------
+def _hash_files(files: list[Path]) -> tuple[str, str]:
+    total = sum(f.stat().st_size for f in files)
+    sampled = total > FULL_HASH_LIMIT
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if not sampled or size <= 2 * _MIB:
+                while block := fh.read(8 * _MIB):
+                    h.update(block)
+            else:
+                h.update(fh.read(_MIB))
+                fh.seek(size - _MIB)
+                h.update(fh.read(_MIB))
+    return h.hexdigest(), ("names+sizes+first/last MiB" if sampled else "full")
+
+
+def _hash_parameters(model: torch.nn.Module) -> tuple[str, str]:
+    h = hashlib.sha256()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    sampled = total > FULL_HASH_LIMIT
+    for name, p in model.state_dict().items():
+        t = p.detach().reshape(-1).cpu()
+        h.update(f"{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
+        if sampled and t.numel() > 2 * 65536:
+            t = torch.cat([t[:65536], t[-65536:]])
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest(), ("names+shapes+first/last 64k values" if sampled else "full")
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of `repo_id@revision`: from the local HF cache first (no network), else the Hub (5 s)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        return Path(snapshot).name
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision, timeout=5).sha
+    except Exception:
+        return None
+
+
+def _num_layers(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
+
+
+def model_identity(model: torch.nn.Module, pretrained: Any = None, revision: str | None = None) -> dict:
+    """What identifies the weights: hub id + commit, else a sha256 of the local weight files or parameters.
+
+    Never blocks offline: the commit comes from the local HF cache, the Hub is asked only when
+    HF_HUB_OFFLINE is not set (5 s timeout). Above 1 GiB of weights the hash covers names, sizes and the
+    first/last MiB of each file (`hash_mode` says which). `source` (a local path) is not part of the key.
+    """
+    out: dict[str, Any] = {}
+    local = isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).expanduser().is_dir()
+    if local:
+        directory = Path(pretrained).expanduser().resolve()
+        files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        if files:
+            digest, mode = _hash_files(files)
+            out.update(weights_sha256=digest, hash_mode=mode, source=str(directory))
+    elif isinstance(pretrained, str) and pretrained:
+        commit = _hub_commit(pretrained, revision)
+        if commit is not None:
+            out.update(hub_id=pretrained, commit=commit)
+    if "weights_sha256" not in out and "commit" not in out:
+        digest, mode = _hash_parameters(model)
+        out.update(params_sha256=digest, hash_mode=mode)
+        if pretrained is not None and not isinstance(pretrained, torch.nn.Module):
+            out["source"] = str(pretrained)
+    config = getattr(model, "config", None)
+    dtype = next(model.parameters()).dtype
+    out.update(model_type=getattr(config, "model_type", None), num_layers=_num_layers(model),
+               dtype=str(dtype).replace("torch.", ""))
+    return out
+
+
+def _strip_sources(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_sources(v) for k, v in value.items() if k != "source"}
+    if isinstance(value, (list, tuple)):
+        return [_strip_sources(v) for v in value]
+    return value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass
+class CacheKey:
+    """Everything that determines a calibration's content (the cache key's fields)."""
+
+    model: dict
+    method: str
+    params: dict
+    data: dict
+    calib_tokens: int
+    seqlen: int
+    seed: int
+    format_version: int = FORMAT_VERSION
+    lm_sparse_version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    def fields(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        return cache_key(self.fields())
+
+
+def cache_key(fields: dict) -> str:
+    """sha256 of the canonical JSON of `fields`, without descriptive `source` entries."""
+    return hashlib.sha256(_canonical(_strip_sources(fields)).encode()).hexdigest()
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def file_stem(method: str, key: str) -> str:
+    return f"{method}-{key[:16]}"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 * _MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_path(json_path: Path) -> Path:
+    return Path(json_path).with_suffix(".safetensors")
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_thresholds(json_path: str | Path, fields: dict, results: dict,
+                     tensors: dict[str, torch.Tensor]) -> dict:
+    """Write `<json_path>` and its `.safetensors` atomically (tensors first, JSON last); return the payload."""
+    from safetensors.torch import save_file
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    st_path = tensors_path(json_path)
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(st_path, lambda tmp: save_file(clean, tmp, metadata={"format": "lm-sparse-thresholds"}))
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "lm_sparse_version": __version__,
+        "method": fields.get("method"),
+        "key": cache_key(fields),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fields": fields,
+        "results": results,
+        "tensors": {"file": st_path.name, "sha256": _sha256_file(st_path), "names": sorted(clean)},
+    }
+    text = json.dumps(payload, indent=1, default=str) + "\n"
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(json_path, write_json)
+    return payload
+
+
+def read_thresholds(json_path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a thresholds file; raise `ThresholdsFileError` (one line) if it cannot be trusted."""
+    from safetensors.torch import load_file
+
+    json_path = Path(json_path)
+    try:
+        payload = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ThresholdsFileError(f"{json_path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(payload, dict):
+        raise ThresholdsFileError(f"{json_path}: not a thresholds file")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ThresholdsFileError(f"{json_path}: format version {version!r}, expected {FORMAT_VERSION}")
+    fields, tensors_info = payload.get("fields"), payload.get("tensors")
+    if not isinstance(fields, dict) or not isinstance(tensors_info, dict):
+        raise ThresholdsFileError(f"{json_path}: missing fields or tensors entries")
+    if payload.get("key") != cache_key(fields):
+        raise ThresholdsFileError(f"{json_path}: key does not match its fields (edited or tampered with)")
+    st_path = json_path.parent / str(tensors_info.get("file", ""))
+    if not st_path.is_file():
+        raise ThresholdsFileError(f"{json_path}: tensors file {st_path.name} is missing")
+    if _sha256_file(st_path) != tensors_info.get("sha256"):
+        raise ThresholdsFileError(f"{json_path}: tensors file {st_path.name} fails its sha256 check")
+    try:
+        tensors = load_file(str(st_path))
+    except Exception as exc:
+        raise ThresholdsFileError(f"{json_path}: tensors unreadable ({type(exc).__name__})") from None
+    return payload, tensors
+
+
+def _model_matches(stored: dict, current: dict) -> bool:
+    return _strip_sources(stored) == _strip_sources(current)
+
+
+# -- lookup --------------------------------------------------------------------------------------------
+def _warn(message: str) -> None:
+    warnings.warn(f"lm-sparse: {message}", stacklevel=3)
+
+
+def _try_load(path: Path, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """Load `path` if it is a valid file for `key`; warn in one line and return None otherwise."""
+    try:
+        payload, tensors = read_thresholds(path)
+    except ThresholdsFileError as exc:
+        _warn(f"ignoring thresholds file: {exc}; calibrating again")
+        return None
+    if payload["key"] != key:
+        _warn(f"ignoring thresholds file {path}: made for another model or settings; calibrating again")
+        return None
+    return payload, tensors
+
+
+def _find_shipped(key: str, shipped_dirs: tuple[Path, ...]) -> Path | None:
+    for directory in shipped_dirs:
+        if not directory.is_dir():
+            continue
+        for candidate in sorted(directory.glob("*.json")):
+            try:
+                if json.loads(candidate.read_text(encoding="utf-8")).get("key") == key:
+                    return candidate
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue
+    return None
+
+
+def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """thresholds=FILE: must be valid and for this model and method, else one clear error line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SparsityArgumentError(f"sparse-hf: invalid thresholds={str(path)!r}: no such file")
+    try:
+        payload, tensors = read_thresholds(path)
+    except ThresholdsFileError as exc:
+        raise SparsityArgumentError(f"sparse-hf: invalid thresholds={str(path)!r}: {exc}") from None
+    stored = payload["fields"]
+    if not _model_matches(stored.get("model", {}), fields.get("model", {})):
+        raise SparsityArgumentError(
+            f"sparse-hf: thresholds={str(path)!r} was calibrated for another model "
+            f"({_describe_model(stored.get('model', {}))}), not this one ({_describe_model(fields.get('model', {}))})"
+        )
+    if stored.get("method") != fields.get("method"):
+        raise SparsityArgumentError(
+            f"sparse-hf: thresholds={str(path)!r} holds {stored.get('method')} thresholds, "
+            f"not {fields.get('method')}"
+        )
+    if payload["key"] != cache_key(fields):
+        logger.warning("lm-sparse: thresholds=%s was calibrated with other settings (%s); using the file as given",
+                       path, _canonical(_strip_sources(stored.get("params"))))
+    return payload, tensors, str(path)
+
+
+def _describe_model(model: dict) -> str:
+    ident = model.get("hub_id") or model.get("weights_sha256") or model.get("params_sha256") or "?"
+    return f"{model.get('model_type')} {str(ident)[:16]} {model.get('dtype')}"
+
+
+def cache_dir() -> Path:
+    """The user cache directory of thresholds files."""
+    return cache_root() / "thresholds"
+
+
+def _wait_for_everyone(rank_context: Any) -> None:
+    accelerator = getattr(rank_context, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "wait_for_everyone"):
+        accelerator.wait_for_everyone()
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _lookup_or_compute(fields: dict, key: str, compute: Callable, recalibrate: bool,
+                       shipped_dirs: tuple[Path, ...]) -> tuple[dict, dict[str, torch.Tensor], str]:
+    method = str(fields.get("method"))
+    target = cache_dir() / f"{file_stem(method, key)}.json"
+    if not recalibrate:
+        shipped = _find_shipped(key, shipped_dirs)
+        if shipped is not None:
+            loaded = _try_load(shipped, key)
+            if loaded is not None:
+                return loaded[0], loaded[1], str(shipped)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(target) + ".lock"):
+        # Checked under the lock: a process that waited here loads what the first one wrote.
+        if not recalibrate and target.is_file():
+            loaded = _try_load(target, key)
+            if loaded is not None:
+                return loaded[0], loaded[1], str(target)
+        results, tensors = compute()
+        payload = write_thresholds(target, fields, results, tensors)
+        return payload, {k: v.detach().cpu() for k, v in tensors.items()}, str(target)
+
+
+def load_or_compute(fields: dict, compute: Callable[[], tuple[dict, dict[str, torch.Tensor]]], *,
+                    path: str | None = None, recalibrate: bool = False, rank_context: Any = None,
+                    shipped_dir: Path | tuple[Path, ...] | None = None
+                    ) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """Return (payload, tensors, file path) for `fields`: load a valid file or run `compute` and store it.
+
+    `compute()` returns (results: JSON-able measured values, tensors: {name: tensor}); the payload is the
+    stored JSON: {format_version, lm_sparse_version, method, key, created, fields, results, tensors}.
+    Under data parallelism (`rank_context.world_size > 1`), rank 0 looks up or computes while the other
+    ranks wait at a barrier and then load rank 0's file.
+    """
+    if path is not None:
+        return _load_explicit(path, fields)
+    shipped_dirs = SHIPPED_DIRS if shipped_dir is None else (
+        (Path(shipped_dir),) if isinstance(shipped_dir, (str, Path)) else tuple(Path(d) for d in shipped_dir))
+    key = cache_key(fields)
+    world = int(getattr(rank_context, "world_size", 1) or 1)
+    if world <= 1:
+        return _lookup_or_compute(fields, key, compute, recalibrate, shipped_dirs)
+    rank = int(getattr(rank_context, "rank", 0) or 0)
+    if rank == 0:
+        result = _lookup_or_compute(fields, key, compute, recalibrate, shipped_dirs)
+        _wait_for_everyone(rank_context)
+        return result
+    _wait_for_everyone(rank_context)
+    target = cache_dir() / f"{file_stem(str(fields.get('method')), key)}.json"
+    candidates = [target] if target.is_file() else []
+    shipped = _find_shipped(key, shipped_dirs)
+    if shipped is not None:
+        candidates.append(shipped)
+    for candidate in candidates:
+        loaded = _try_load(candidate, key)
+        if loaded is not None:
+            return loaded[0], loaded[1], str(candidate)
+    raise RuntimeError(f"lm-sparse: rank {rank} found no thresholds file for key {key[:16]} after rank 0's calibration")
