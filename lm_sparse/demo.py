@@ -29,43 +29,24 @@ DEFAULT_SPARSE = "ppl_p=1"
 SMOKE_TASKS = "lmsparse_smoke"
 
 
-def shipped_thresholds(method: str = "pplp", level: float = 1.0, model_hint: str = "smollm2") -> Path | None:
-    """A shipped thresholds file for `method` at `level` whose fields mention `model_hint`, or None."""
-    from .thresholds import SHIPPED_DIRS
-
-    for directory in SHIPPED_DIRS:
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.glob("*.json")):
-            try:
-                text = path.read_text(encoding="utf-8")
-                payload = json.loads(text)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            params = (payload.get("fields") or {}).get("params") or {}
-            values = [params.get(k) for k in ("p", "ppl_p", "level", "target") if params.get(k) is not None]
-            if payload.get("method") == method and model_hint in text.lower() and any(
-                    abs(float(v) - level) < 1e-9 for v in values if isinstance(v, (int, float))):
-                return path
-    return None
-
-
 def choose_levels(sparse: str, calib_data: str | None) -> list[Level]:
-    """dense and the demo's sparse level; for ppl_p, the shipped thresholds or the calibration text to use."""
+    """dense and the demo's sparse level; for ppl_p, the calibration text and size that the shipped
+    SmolLM2 thresholds were made with, so the cache finds them by key (no calibration), unless
+    `calib_data` asks for another text (then it calibrates once and caches)."""
     levels = parse_levels([sparse])  # validates RULE=VALUE: one error line otherwise
     dense, level = levels[0], levels[-1]
     key, _, value = sparse.partition("=")
     if key != "ppl_p":
         return [dense, level]
-    shipped = shipped_thresholds("pplp", float(value))
-    if shipped is not None:
-        print(f"        using the shipped PPL-{value}% thresholds {shipped}", flush=True)
-        return [dense, Level(level.label, {**level.args, "thresholds": str(shipped)})]
     if calib_data:
         print(f"        calibrating PPL-{value}% once on {calib_data} (cached for later runs)", flush=True)
         return [dense, Level(level.label, {**level.args, "calib_data": calib_data})]
-    print(f"        calibrating PPL-{value}% once on the default calibration text (cached)", flush=True)
-    return [dense, level]
+    from .calibrate.data import shipped_excerpt_path
+
+    excerpt = shipped_excerpt_path()
+    print(f"        PPL-{value}% on the shipped calibration excerpt {excerpt.name} (4096 tokens): "
+          "the shipped thresholds for p = 1, 5, 10 match it", flush=True)
+    return [dense, Level(level.label, {**level.args, "calib_data": str(excerpt), "calib_tokens": 4096})]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparse", default=DEFAULT_SPARSE,
                         help=f"the sparse level to compare with dense, RULE=VALUE (default {DEFAULT_SPARSE})")
     parser.add_argument("--calib-data", default=os.environ.get("LM_SPARSE_DEMO_CALIB"),
-                        help="calibration text for ppl_p when no shipped thresholds match "
+                        help="calibration text for ppl_p instead of the shipped excerpt "
                              "(a .txt/.jsonl file; env LM_SPARSE_DEMO_CALIB)")
     parser.add_argument("--batch-size", default="16", help="lm-eval batch size (default 16)")
     parser.add_argument("--device", default="cpu", help="device (default cpu)")
