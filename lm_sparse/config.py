@@ -32,6 +32,8 @@ SPARSITY_ARGS: dict[str, str] = {
     "method": f"calibrated method used with ppl_p, one of {'|'.join(METHODS)} (default pplp)",
     "teal": "TEAL target model-wide sparsity, in [0, 1)",
     "teal_mode": f"TEAL allocation, one of {'|'.join(TEAL_MODES)} (default greedy)",
+    "teal_greedy_steps": "TEAL greedy moves from 0 to 0.9 sparsity per layer, a positive integer",
+    "teal_greedy_tokens": "tokens each TEAL greedy block search runs on, a positive integer",
     "sparse_prefill": f"which tokens of a multi-token forward are sparsified: {'|'.join(PREFILL_POLICIES)}",
     "calib_data": "calibration text: a local .txt/.jsonl file or hf:dataset/config:split",
     "calib_tokens": "number of calibration tokens, a positive integer",
@@ -180,6 +182,14 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
     for name in ("calib_tokens", "calib_seqlen"):
         if args.get(name) is not None:
             values[name] = _as_int(name, args[name], minimum=1)
+    extra = {}
+    for name in ("teal_greedy_steps", "teal_greedy_tokens"):
+        if args.get(name) is not None:
+            if values.get("rule") != "teal":
+                raise SparsityArgumentError(f"sparse-hf: {name}= only applies to TEAL (teal=S or method=teal)")
+            extra[name] = _as_int(name, args[name], minimum=1)
+    if extra:
+        values["extra"] = extra
     if args.get("calib_seed") is not None:
         values["calib_seed"] = _as_int("calib_seed", args["calib_seed"])
     for name in ("calib_data", "thresholds"):

@@ -181,3 +181,16 @@ def test_cli_bad_argument_is_one_error_line(tiny_dir, tmp_path):
         assert len(errors) == 1, stderr[-3000:]
         assert "topk=2" in errors[0] and "(0, 1]" in errors[0]
         assert "Traceback" not in stderr
+
+
+def test_teal_greedy_settings_parse_into_extra():
+    from lm_sparse.config import SparsityArgumentError, parse_sparsity_args
+
+    cfg = parse_sparsity_args({"teal": 0.5, "teal_greedy_steps": "40", "teal_greedy_tokens": 128})
+    assert cfg.extra == {"teal_greedy_steps": 40, "teal_greedy_tokens": 128}
+    import pytest
+
+    with pytest.raises(SparsityArgumentError, match="teal_greedy_steps"):
+        parse_sparsity_args({"topk": 0.5, "teal_greedy_steps": 40})
+    with pytest.raises(SparsityArgumentError, match="teal_greedy_tokens"):
+        parse_sparsity_args({"teal": 0.5, "teal_greedy_tokens": 0})

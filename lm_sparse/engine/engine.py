@@ -145,8 +145,9 @@ class SparsityEngine:
             else:
                 y = torch.where(applies, rule(x), x)
             if self.counting:
-                self._records[site.index] = (y == 0).sum(dim=-1).view(x.shape[0], -1) if x.dim() >= 2 else (
-                    (y == 0).sum().view(1, 1))
+                # count_nonzero needs no boolean copy of y
+                zeros = y.shape[-1] - torch.count_nonzero(y, dim=-1)
+                self._records[site.index] = zeros.view(x.shape[0], -1) if x.dim() >= 2 else zeros.view(1, 1)
             if y is x:
                 return None
             return (y, *args[1:])
