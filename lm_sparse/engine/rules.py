@@ -52,7 +52,7 @@ class TopK(Rule):
             return x
         magnitude = x.abs()
         # Non-negative IEEE floats order like their bit patterns read as signed integers, and integer
-        # top-k runs about 1.8x faster than float top-k on CPU (SmolLM2 shapes).
+        # top-k is markedly faster than float top-k on CPU (see BENCHMARKS.md, sparse-hf overhead).
         int_view = _INT_VIEW.get(magnitude.dtype)
         keys = magnitude.view(int_view) if int_view is not None else magnitude
         idx = keys.topk(self.k, dim=-1, sorted=False).indices
