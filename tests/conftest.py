@@ -6,6 +6,8 @@ Everything is offline: models are built from configs here, SmolLM2 comes from th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,23 @@ def save_tiny_model(name: str, tokenizer_dir: Path, out: Path, seed: int = 0) ->
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one torch thread (stable timings and tolerances on the shared 2-core CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@contextmanager
+def down_proj_pre_hooks(model, hook: Callable) -> Iterator[None]:
+    """Install `hook` as a forward pre-hook on every layer's mlp.down_proj; remove them all afterwards."""
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -6,13 +6,12 @@ down_proj input recorded by a hook written here), never from the engine.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_CONFIGS, make_tiny_model
+from conftest import TINY_CONFIGS, down_proj_pre_hooks, make_tiny_model
 from lm_sparse.engine import CountOnly, SparsityCounter, SparsityEngine, TopK
 
 torch.set_num_threads(1)
@@ -21,16 +20,9 @@ WIDTH = TINY_CONFIGS["llama"]["intermediate_size"]
 LAYERS = TINY_CONFIGS["llama"]["num_hidden_layers"]
 
 
-@contextmanager
 def _record_down_inputs(model: nn.Module, store: list[torch.Tensor]):
     """Record what each down_proj actually receives (after the engine's hook, which runs first)."""
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: store.append(a[0].detach()))
-               for layer in model.model.layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return down_proj_pre_hooks(model, lambda m, a: store.append(a[0].detach()))
 
 
 def _left_padded(lengths: list[int], pad: int = 0, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_CONFIGS, make_tiny_model
+from conftest import TINY_CONFIGS, down_proj_pre_hooks, make_tiny_model
 from lm_sparse.engine import SparsityEngine, Threshold, TopK, UnsupportedArchitectureError, resolve_sites
 from lm_sparse.engine.arch import ARCHITECTURES, is_relu_family
 
@@ -42,15 +42,8 @@ def _reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(keep, x, torch.zeros_like(x))
 
 
-@contextmanager
 def _reference_down_topk(model: nn.Module, k: int):
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: (_reference_topk(a[0], k),))
-               for layer in model.model.layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return down_proj_pre_hooks(model, lambda m, a: (_reference_topk(a[0], k),))
 
 
 @contextmanager

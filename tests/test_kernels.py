@@ -38,12 +38,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(batch: int, k: int, n: int, dtype: torch.dtype, sparsity: float, per_channel: bool,
