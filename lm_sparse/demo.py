@@ -15,7 +15,6 @@ The smoke tasks are smoke tests, not benchmarks: real comparisons use the suites
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
