@@ -50,6 +50,28 @@ def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _fix_metadata_order(path: Path) -> None:
+    """Rewrite the safetensors header's metadata in a fixed order (aliases sorted, then "format").
+
+    safetensors writes the metadata map in a per-process random order, so two conversions of the same GGUF
+    gave different file bytes, and the threshold cache (keyed by a hash of the weight files) missed.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        meta = header.get("__metadata__") or {}
+        header["__metadata__"] = {**{k: meta[k] for k in sorted(meta) if k != "format"},
+                                  **({"format": meta["format"]} if "format" in meta else {})}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # never the case for a reordering; keep the file as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads headers with spaces
+
+
 def smollm2_dir() -> Path:
     """Convert the shipped GGUF to a float32 safetensors checkpoint once; return its directory.
 
@@ -78,6 +100,7 @@ def smollm2_dir() -> Path:
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _fix_metadata_order(tmp / "model.safetensors")
         tok.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
