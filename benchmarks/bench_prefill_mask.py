@@ -4,9 +4,12 @@ Rows, each the median time of one no-grad forward over the whole batch:
 - dense: no engine;
 - dense, input-major weights: the same, after every weight became a view of its W^T storage, q/k/v and
   gate/up fused (the layout the decode kernels need): the cost of cuBLAS reading that layout;
-- naive mask: the engine's `Threshold` rule (`x.masked_fill(x.abs() <= t, 0)`) before all seven matrices;
-- fused mask: the same thresholds through the one-pass Triton kernel `lm_sparse::threshold_mask`.
-Thresholds are the 50% quantile of each site's |input|; counting is paused (this measures the masking).
+- naive mask: the engine's `Threshold` rule (`x.masked_fill(x.abs() <= t, 0)`) before all seven matrices,
+  counting paused (the masking alone);
+- naive mask + count: the same with the engine's zero counting on (`count_nonzero` per site);
+- fused mask + count: what sparse-hf runs on CUDA: `attach_prefill_masks` puts the one-pass Triton kernel
+  `lm_sparse::threshold_mask_counted` (mask and per-row zero count in one read and one write) on every site.
+Thresholds are the 50% quantile of each site's |input|.
 
     python benchmarks/bench_prefill_mask.py --out bench_prefill_mask.json   # GPU: 8x1024 and 32x256 tokens
     python benchmarks/bench_prefill_mask.py --smoke                         # CPU: tiny model, interpreter
@@ -28,23 +31,10 @@ if not torch.cuda.is_available():
 
 from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
 from lm_sparse.engine.rules import Threshold  # noqa: E402
-from lm_sparse.kernels.backend import make_fused_input_major, make_input_major  # noqa: E402
-from lm_sparse.kernels.reference import round_threshold  # noqa: E402
-from lm_sparse.kernels.threshold_mask import threshold_mask  # noqa: E402
+from lm_sparse.kernels.backend import attach_prefill_masks, make_fused_input_major, make_input_major  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_decode import build_model, quantile_thresholds  # noqa: E402
-
-
-class FusedThreshold(Threshold):
-    """`Threshold` through the one-pass Triton masking kernel (same mask, one read and one write of x)."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        t = self._cache.get(key)
-        if t is None:
-            t = self._cache[key] = round_threshold(self.threshold, x.dtype, x.device)
-        return threshold_mask(x, t)
 
 
 def time_forward(model, ids: torch.Tensor, repeats: int) -> float:
@@ -87,10 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     for batch, seq in shapes:
         ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
         times = {"dense": time_forward(model, ids, repeats)}
-        for mode, rule in (("naive mask", Threshold), ("fused mask", FusedThreshold)):
-            engine.set_rules({i: rule(t) for i, t in thresholds.items()})
-            with engine.attached(), engine.paused():
+        engine.set_rules({i: Threshold(t) for i, t in thresholds.items()})
+        for mode in ("naive mask", "naive mask + count", "fused mask + count"):
+            engine.prefill_maskers.clear()
+            if mode.startswith("fused"):
+                attach_prefill_masks(engine, allow_interpreter=True)
+            engine.counting = not mode.endswith("mask")
+            with engine.attached():
                 times[mode] = time_forward(model, ids, repeats)
+            engine.counter.reset()
+        engine.counting = True
         rows.append({"batch": batch, "tokens": seq, **{k: v * 1e3 for k, v in times.items()}})
         print(f"{batch}x{seq}: {times}", file=sys.stderr)
     # The layout attach_decode_kernels makes: q/k/v and gate/up fused into one W^T each, o and down alone.
@@ -109,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16"}
-    modes = ["dense", "dense, input-major weights", "naive mask", "fused mask"]
+    modes = ["dense", "dense, input-major weights", "naive mask", "naive mask + count", "fused mask + count"]
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}\n")
     print("| batch x tokens | " + " | ".join(f"{m} ms (x dense)" for m in modes) + " |")
     print("|---|" + "---|" * len(modes))

@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.4, 0.5, 0.65])
     parser.add_argument("--pplp", type=float, nargs="*", default=[], help="PPL-p%% levels to add (e.g. 1 5 10)")
-    parser.add_argument("--pplp-calib-tokens", type=int, default=None)
+    parser.add_argument("--pplp-calib-tokens", type=int, default=None,
+                        help="PPL-p%% calibration tokens (default: TEAL's, so both calibrate on the same windows)")
     parser.add_argument("--teal-ppl-p", type=float, nargs="*", default=[], help="ppl_p=P,method=teal levels")
     parser.add_argument("--recalibrate", action="store_true", help="calibrate TEAL again (times it)")
     parser.add_argument("--threads", type=int, default=None)
@@ -79,8 +80,10 @@ def main() -> None:
                                              greedy=True, recalibrate=args.recalibrate, lm=ctx)
     calib_seconds = time.perf_counter() - start
     calib_tokens = int(payload["fields"]["calib_tokens"])
+    pplp_calib_tokens = args.pplp_calib_tokens or calib_tokens
     texts, _ = load_texts(args.calib_data)
-    _, heldout = calibration_batches(tokenizer, texts, calib_tokens, args.seqlen, 0,
+    # Held-out windows come after every window either method calibrated on (same seed, same split).
+    _, heldout = calibration_batches(tokenizer, texts, max(calib_tokens, pplp_calib_tokens), args.seqlen, 0,
                                      heldout_tokens=args.heldout_tokens)
     with torch.no_grad():
         dense_ppl = perplexity(model, heldout, batch_size=4)
@@ -101,7 +104,7 @@ def main() -> None:
         from lm_sparse.calibrate.pplp import build_pplp_rules
 
         config = SparsityConfig(rule="pplp", level=p, method="pplp", calib_data=args.calib_data,
-                                calib_tokens=args.pplp_calib_tokens, calib_seqlen=args.seqlen)
+                                calib_tokens=pplp_calib_tokens, calib_seqlen=args.seqlen)
         rules, _ = build_pplp_rules(engine, config, tokenizer, ctx)
         rows.append({"method": "PPL-p%", "level": f"ppl_p={p:g}", **measure(engine, rules, heldout, dense_ppl)})
 
@@ -112,6 +115,7 @@ def main() -> None:
             "greedy_tokens": greedy.get("tokens"), "greedy_steps": greedy.get("steps"),
             "greedy_seconds_total": greedy.get("seconds_total"),
             "greedy_seconds_per_block": greedy.get("seconds_per_block"),
+            "pplp_calib_tokens": pplp_calib_tokens if args.pplp else None,
             "heldout_tokens": int(heldout.numel()), "dense_ppl": dense_ppl, "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     print(f"SmolLM2-135M-Instruct, held-out {heldout.numel()} tokens of {os.path.basename(args.calib_data)}, "

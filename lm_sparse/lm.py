@@ -89,17 +89,19 @@ class SparseHFLM(HFLM):
         _register_summary(self)
 
     def _setup_decode_backend(self) -> None:
-        """Hand decode-step products to the sparse kernels where they apply (CUDA, threshold rules)."""
+        """Hand decode-step products to the sparse kernels and prefill masking to the fused mask kernel
+        where they apply (CUDA, threshold rules)."""
         mode = self.sparsity_config.sparse_kernels
         if mode == "off" or self.sparsity_config.is_dense:
             return
         try:
-            from .kernels.backend import attach_decode_kernels
+            from .kernels.backend import attach_decode_kernels, attach_prefill_masks
         except ImportError:
             if mode == "on":
                 raise
             return
         attach_decode_kernels(self.engine, required=(mode == "on"))
+        attach_prefill_masks(self.engine)
 
     # -- model calls: hooks live only inside them ----------------------------------------------------
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,

@@ -199,7 +199,75 @@ def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_toke
     assert outputs["on"] == outputs["off"]
     assert all(len(o.split()) > 0 for o in outputs["off"])
     assert reports["off"]["execution"]["down"]["decode"] == "masked_dense"
-    assert reports["on"]["execution"]["down"] == {"prefill": "masked_dense", "decode": "sparse_kernel"}
-    on, off = reports["on"]["phases"]["decode"], reports["off"]["phases"]["decode"]
-    assert on["tokens"] == off["tokens"] > 0 and on["sparsity"] == off["sparsity"]
-    assert 0.1 < on["sparsity"] < 0.9
+    assert reports["on"]["execution"]["down"] == {"prefill": "masked_dense_fused", "decode": "sparse_kernel"}
+    for phase in ("prefill", "decode"):
+        on, off = reports["on"]["phases"][phase], reports["off"]["phases"][phase]
+        assert on["tokens"] == off["tokens"] > 0 and on["sparsity"] == off["sparsity"]
+        assert 0.1 < on["sparsity"] < 0.9
+
+
+def test_prefill_masks_and_dense_fallback_are_reported_and_exact():
+    """The fused prefill mask gives the masked-dense tokens and counts; >8 decode rows report dense_fallback."""
+    from lm_sparse.kernels.backend import attach_prefill_masks
+
+    model = _model()
+    ids, mask = _prompts(10, 6)
+    engine = SparsityEngine(model, pad_token_id=0)
+    engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
+
+    def run() -> tuple[torch.Tensor, dict]:
+        engine.counter.reset()
+        with engine.attached():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        engine.counter.synchronize()
+        return out, engine.report()
+
+    dense_tokens, dense_report = run()
+    assert attach_prefill_masks(engine) == sorted(engine.rules)
+    attach_decode_kernels(engine, required=True)
+    tokens, report = run()
+    assert torch.equal(tokens, dense_tokens)
+    for phase in ("prefill", "decode"):
+        assert report["phases"][phase] == dense_report["phases"][phase]
+    assert report["execution"]["down"] == {"prefill": "masked_dense_fused", "decode": "dense_fallback"}
+    with engine.attached():  # 2 rows: the kernel itself
+        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert engine.report()["execution"]["down"]["decode"] == "sparse_kernel+dense_fallback"
+
+
+def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch):
+    """generate_static's compiled step (fullgraph) runs the engine hooks and kernel ops: same tokens, same counts.
+
+    On CPU the step compiles with a counting eager backend (CUDA graphs need CUDA); the trace, graph breaks
+    and recompilations are the same ones the CUDA build sees.
+    """
+    import torch._dynamo.testing
+
+    from lm_sparse.kernels import decode
+
+    model = _model()
+    ids, mask = _prompts(2, 8)
+    engine = SparsityEngine(model, pad_token_id=0)
+    engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
+
+    def run(compile: bool) -> tuple[torch.Tensor, dict]:
+        engine.counter.reset()
+        with engine.attached():
+            out = generate_static(model, ids, mask, 6, None, 0, None, compile=compile)
+        engine.counter.synchronize()
+        return out, engine.report()
+
+    eager_tokens, eager_report = run(False)
+    attach_decode_kernels(engine, required=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": True, "dynamic": False})
+    decode._STATE.pop(model, None)
+    torch._dynamo.reset()
+    tokens, report = run(True)
+    assert torch.equal(tokens, eager_tokens)
+    assert report["phases"] == eager_report["phases"]
+    assert report["execution"]["down"]["decode"] == "sparse_kernel"
+    assert 1 <= counter.frame_count <= 2, f"decode step compiled {counter.frame_count} times"
+    compiled_frames = counter.frame_count
+    tokens, _ = run(True)  # a second call reuses the compiled step
+    assert torch.equal(tokens, eager_tokens) and counter.frame_count == compiled_frames

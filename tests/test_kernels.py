@@ -28,7 +28,7 @@ from lm_sparse.kernels.sparse_gemv import (  # noqa: E402
     sparse_linear,
     sparse_linear_counted,
 )
-from lm_sparse.kernels.threshold_mask import threshold_mask  # noqa: E402
+from lm_sparse.kernels.threshold_mask import threshold_mask, threshold_mask_counted  # noqa: E402
 from lm_sparse.kernels.reference import masked_input, round_threshold, sparse_linear_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,13 +170,25 @@ def test_input_major_weight_is_a_view_and_linear_still_works():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "channel"])
 def test_threshold_mask_matches_reference(dtype, per_channel):
-    for shape, sparsity in (((3, 7, 83), 0.5), ((2, 130), 0.0), ((1, 1, 83), 1.0), ((5, 83), 0.99)):
+    # (3, 2500): rows longer than the kernel's 1024-column block, counted by several programs per row
+    for shape, sparsity in (((3, 7, 83), 0.5), ((2, 130), 0.0), ((1, 1, 83), 1.0), ((5, 83), 0.99),
+                            ((3, 2500), 0.5)):
         x, _, _, t = _inputs(int(torch.tensor(shape[:-1]).prod()), shape[-1], 1, dtype, sparsity, per_channel,
                              seed=len(shape))
         x = x.view(shape)
+        expected = masked_input(x, t)
         y = threshold_mask(*_on_device(x, t)).cpu()
         assert y.dtype == dtype and y.shape == x.shape
-        assert torch.equal(y, masked_input(x, t))
+        assert torch.equal(y, expected)
+        y, zeros = threshold_mask_counted(*_on_device(x, t))
+        assert torch.equal(y.cpu(), expected)
+        assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (expected == 0).sum(-1))
+
+
+def test_threshold_mask_ops_opcheck():
+    x, _, _, t = _inputs(4, 83, 1, torch.float32, 0.5, True, seed=9)
+    for op in (torch.ops.lm_sparse.threshold_mask, torch.ops.lm_sparse.threshold_mask_counted):
+        torch.library.opcheck(op, tuple(_on_device(x.view(2, 2, 83), t)), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_kernels_need_cuda_outside_the_tests():
@@ -210,9 +222,11 @@ for dtype in ("bf16", "fp16", "fp32"):
     sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "B": "i32", "N": "i32", "stride_ob": "i32",
            "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(fn=sg._reduce_partials_kernel, signature=sig, constexprs=consts), target=target)
-    consts = dict(T_PER_CHANNEL=True, BLOCK=1024)
-    sig = {"x_ptr": p, "t_ptr": "*fp32", "y_ptr": p, "numel": "i32", "K": "i32", **{k: "constexpr" for k in consts}}
-    triton.compile(ASTSource(fn=tm._threshold_mask_kernel, signature=sig, constexprs=consts), target=target)
+    for count in (False, True):
+        consts = dict(T_PER_CHANNEL=count, COUNT=count, BLOCK=1024)
+        sig = {"x_ptr": p, "t_ptr": "*fp32", "y_ptr": p, "zeros_ptr": "*i32" if count else p, "K": "i32",
+               **{k: "constexpr" for k in consts}}
+        triton.compile(ASTSource(fn=tm._threshold_mask_kernel, signature=sig, constexprs=consts), target=target)
 print("compiled")
 """
 

@@ -221,7 +221,8 @@ def greedy_lookup(model: nn.Module, sites: list[Site], ids: torch.Tensor, thresh
     captured = capture_block_inputs(model, ids)
     paths: list[GreedyPath] = []
     uniform_err, greedy_err, seconds = [], [], []
-    bar = tqdm(total=len(layers) * steps, desc="TEAL greedy", unit="step")
+    # One tick per block: moves clipped at sparsity 1 make the number of steps per block vary.
+    bar = tqdm(total=len(layers), desc="TEAL greedy", unit="block")
     for i, layer in enumerate(layers):
         lsites = per_layer[i]
         hidden, kwargs = captured[i]
@@ -230,7 +231,7 @@ def greedy_lookup(model: nn.Module, sites: list[Site], ids: torch.Tensor, thresh
         start = time.perf_counter()
         with runner.attached():
             num_params = [s.num_params for s in lsites]
-            path = greedy_block(runner, num_params, steps, on_step=lambda: bar.update(1))
+            path = greedy_block(runner, num_params, steps)
             seconds.append(time.perf_counter() - start)
             target = runner.run((0.0,) * len(lsites), memo=False)
             uniform_err.append([uniform_block_error(runner, s, target) for s in REPORT_LEVELS])
@@ -238,6 +239,8 @@ def greedy_lookup(model: nn.Module, sites: list[Site], ids: torch.Tensor, thresh
             greedy_err.append([block_error(runner.run(lv, memo=False), target) for lv in at_levels])
         paths.append(path)
         captured[i] = None  # type: ignore[call-overload]  # free the layer's inputs
+        bar.update(1)
+        bar.set_postfix(moves=len(path.effective) - 1)
     bar.close()
     n = len(layers)
     info = {

@@ -41,6 +41,10 @@ class SparsityCounter:
         self.tokens = torch.zeros_like(self._local_tokens)  # tokens seen by each site
         self.step_tokens = torch.zeros_like(self._local_step_tokens)  # tokens through the model
         self._pending: _Pending | None = None
+        if self.device.type == "cuda":
+            # A compiled decode step adds to these in place; fixed addresses let CUDA graphs keep them.
+            for t in (self._local_zeros, self._local_tokens, self._local_step_tokens):
+                torch._dynamo.mark_static_address(t)
 
     # -- recording -----------------------------------------------------------------------------------
     def commit(self, phase: int, zeros: dict[int, torch.Tensor], valid: torch.Tensor | None) -> None:

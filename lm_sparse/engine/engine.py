@@ -9,7 +9,10 @@ Seams for the other parts of lm-sparse:
 - a method builds `{site index: Rule}` (Top-k, FAT, PPL-p% thresholds, TEAL thresholds) and passes it to
   `set_rules`; sites without a rule are left alone and not counted;
 - a decode backend (the Triton kernels) may take over a site's matrix product in decode steps by
-  registering an executor with `set_decode_executor`; the report then says `sparse_kernel` for it.
+  registering an executor with `set_decode_executor`; the report then says `sparse_kernel` for it (or
+  `dense_fallback` for steps of more rows than the kernel serves);
+- a fused masker (`set_prefill_masker`: one pass that masks x and counts its zeros) may replace the
+  rule's torch ops in multi-token forwards; the report then says `masked_dense_fused` for prefill.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class SparsityEngine:
         self.pad_token_id = pad_token_id
         self.rules: dict[int, Rule] = {}
         self.decode_executors: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.prefill_maskers: dict[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (site index, path) pairs that decode steps took; constant writes, so a compiled step replays them
+        self._decode_paths: dict[tuple[int, str], bool] = {}
+        #: rows above which a decode executor falls back to a dense GEMM (set by the kernel backend)
+        self.executor_max_rows: int | None = None
         self.execution: dict[str, dict[str, str]] = {}  # site name -> phase -> path that ran
         device = next(model.parameters()).device
         self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
@@ -89,6 +97,12 @@ class SparsityEngine:
         With `executor_counts` (the default) `fn` returns (output, zero entries per token of the masked x).
         """
         self.decode_executors[site_index] = fn
+
+    def set_prefill_masker(self, site_index: int, fn: Callable) -> None:
+        """Let `fn(x) -> (masked x, zeros per row)` apply the site's rule in one pass where it covers every
+        position (sparse_prefill=all, and decode steps without an executor); it must match the rule exactly.
+        """
+        self.prefill_maskers[site_index] = fn
 
     # -- hooks --------------------------------------------------------------------------------------
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -135,18 +149,23 @@ class SparsityEngine:
     def _site_pre_hook(self, site: Site) -> Callable:
         rule = self.rules[site.index]
 
+        masker = self.prefill_maskers.get(site.index)
+
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
             applies = self._prefill_applies(x)
-            if applies is True:
+            zeros = None
+            if applies is True and masker is not None:
+                y, zeros = masker(x)  # one pass: mask and count
+            elif applies is True:
                 y = rule(x)
             elif applies is False:
                 y = x
             else:
                 y = torch.where(applies, rule(x), x)
             if self.counting:
-                # count_nonzero needs no boolean copy of y
-                zeros = y.shape[-1] - torch.count_nonzero(y, dim=-1)
+                if zeros is None:  # count_nonzero needs no boolean copy of y
+                    zeros = y.shape[-1] - torch.count_nonzero(y, dim=-1)
                 self._records[site.index] = zeros.view(x.shape[0], -1) if x.dim() >= 2 else zeros.view(1, 1)
             if y is x:
                 return None
@@ -162,6 +181,9 @@ class SparsityEngine:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self._phase == DECODE:
+                rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+                dense = self.executor_max_rows is not None and rows > self.executor_max_rows
+                self._decode_paths[(site.index, "dense_fallback" if dense else "sparse_kernel")] = True
                 if not self.executor_counts:
                     if self.counting:
                         y = self.rules[site.index](x)
@@ -228,14 +250,22 @@ class SparsityEngine:
 
     # -- report -------------------------------------------------------------------------------------
     def execution_paths(self) -> dict[str, dict[str, str]]:
-        """Per site name and phase, the path that computes the product: masked_dense or sparse_kernel."""
+        """Per site name and phase, the path that computed the product.
+
+        prefill: `masked_dense` (rule in torch ops, then the GEMM) or `masked_dense_fused` (one-pass masking
+        kernel, then the GEMM); decode: `masked_dense`, `sparse_kernel`, `dense_fallback` (an executor's
+        dense GEMM for batches above the kernel's row limit) or both joined by "+" when steps differed.
+        """
         out: dict[str, dict[str, str]] = {}
         for site in self.sites:
             if site.index not in self.rules:
                 continue
             paths = out.setdefault(site.name, {"prefill": "masked_dense", "decode": "masked_dense"})
+            if site.index in self.prefill_maskers:
+                paths["prefill"] = "masked_dense_fused"
             if site.index in self.decode_executors:
-                paths["decode"] = "sparse_kernel"
+                seen = [p for p in ("sparse_kernel", "dense_fallback") if self._decode_paths.get((site.index, p))]
+                paths["decode"] = "+".join(seen) if seen else "sparse_kernel"
         return out
 
     def report(self) -> dict[str, Any]:

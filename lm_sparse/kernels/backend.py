@@ -143,6 +143,36 @@ def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | tor
     return [executor(i) for i in range(len(modules))]
 
 
+def make_prefill_masker(threshold: float | torch.Tensor):
+    """fn(x) -> (x with |x| <= t zeroed, zero entries per row): the fused one-pass `threshold_mask_counted`."""
+    from .threshold_mask import threshold_mask_counted  # noqa: F401  (registers the op)
+
+    threshold_of = _threshold_for(threshold)
+
+    def mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.lm_sparse.threshold_mask_counted(x, threshold_of(x))
+
+    return mask
+
+
+def attach_prefill_masks(engine, allow_interpreter: bool = False) -> list[int]:
+    """Give every threshold site the fused masking kernel for multi-token forwards; return their indices.
+
+    Prefill stays a dense GEMM on the masked input, but masking and counting then cost one read and one
+    write of x instead of the torch ops' four passes. Does nothing where the kernels cannot run.
+    """
+    device = next(engine.model.parameters()).device
+    if kernel_device_problem(device, allow_interpreter) is not None:
+        return []
+    attached = []
+    for site in engine.sites:
+        rule = engine.rules.get(site.index)
+        if isinstance(rule, Threshold):
+            engine.set_prefill_masker(site.index, make_prefill_masker(rule.threshold))
+            attached.append(site.index)
+    return attached
+
+
 def _same_threshold(rules: list[Threshold]) -> bool:
     first = rules[0].threshold
     for rule in rules[1:]:
@@ -164,7 +194,7 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
     run (no CUDA, no triton) or no site has a threshold rule; with `required` (sparse_kernels=on) those
     cases raise one clear error instead. `allow_interpreter`: see `kernel_device_problem`.
     """
-    from .sparse_gemv import SUPPORTED_DTYPES
+    from .sparse_gemv import MAX_SPARSE_BATCH, SUPPORTED_DTYPES
 
     device = next(engine.model.parameters()).device
     problem = kernel_device_problem(device, allow_interpreter)
@@ -174,6 +204,7 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
         return []
     # An engine that sets `executor_counts = True` takes (y, zeros) from executors (no re-masking).
     with_counts = bool(getattr(engine, "executor_counts", False))
+    engine.executor_max_rows = MAX_SPARSE_BATCH  # above it the op runs a dense GEMM: reported as such
     groups: dict[tuple[int, str], list] = {}
     for site in engine.sites:
         rule = engine.rules.get(site.index)

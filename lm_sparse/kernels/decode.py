@@ -37,6 +37,9 @@ def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eo
 # Per model: the reusable StaticCache (and its key) and the compiled decode step.
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, to bound recompilations
+# torch.compile options of the decode step (CUDA graphs through "reduce-overhead"); the tests swap in a
+# counting backend with fullgraph=True to prove the engine's hooks and the kernel ops trace without a break.
+COMPILE_OPTIONS: dict = {"mode": "reduce-overhead", "dynamic": False}
 
 
 def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device) -> tuple[StaticCache, int]:
@@ -102,7 +105,7 @@ def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     prefill_logits = step(input_ids, positions[:, :prompt_len], mask[:, :prompt_len], cache)
     if compile:
         if "compiled" not in state:  # compiled once per model, reused by every later call
-            state["compiled"] = torch.compile(step, mode="reduce-overhead", dynamic=False)
+            state["compiled"] = torch.compile(step, **COMPILE_OPTIONS)
         step = state["compiled"]
 
     ids = torch.empty(batch, total, dtype=input_ids.dtype, device=device)

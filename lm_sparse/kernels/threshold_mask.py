@@ -1,9 +1,13 @@
-"""One-pass threshold masking for prefill: y = x where |x| > t, else 0.
+"""One-pass threshold masking for prefill: y = x where |x| > t, else 0, optionally counting the zeros.
 
 Prefill runs dense GEMMs on masked inputs. Torch's `x.masked_fill(x.abs() <= t, 0)` makes three passes
-over x (abs, compare, fill) and writes two temporaries; this kernel reads x once and writes y once, the
-minimum for an out-of-place mask (q, k and v read the same x with possibly different thresholds, so x
-itself cannot be overwritten). Same semantics as `Threshold`: drop |x| <= t in x's dtype, keep NaN.
+over x (abs, compare, fill) and writes two temporaries, and the engine's count of zeros is a fourth pass;
+this kernel reads x once and writes y once, the minimum for an out-of-place mask (q, k and v read the same
+x with possibly different thresholds, so x itself cannot be overwritten), and counts the zero entries of
+each row of y in the same pass. Same semantics as `Threshold`: drop |x| <= t in x's dtype, keep NaN.
+
+Grid: (rows, blocks of BLOCK columns). Every program adds its block's zero count to its row's int32
+counter with an integer atomic add: exact and order-independent, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -12,38 +16,60 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCK = 1024
+
 
 @triton.jit
-def _threshold_mask_kernel(x_ptr, t_ptr, y_ptr, numel, K, T_PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+def _threshold_mask_kernel(x_ptr, t_ptr, y_ptr, zeros_ptr, K, T_PER_CHANNEL: tl.constexpr, COUNT: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs_k < K
+    x = tl.load(x_ptr + row * K + offs_k, mask=ok, other=0.0)
     if T_PER_CHANNEL:
-        t = tl.load(t_ptr + offs % K, mask=ok, other=0.0)
+        t = tl.load(t_ptr + offs_k, mask=ok, other=0.0)
     else:
         t = tl.load(t_ptr)
-    y = tl.where(tl.abs(x.to(tl.float32)) <= t, 0.0, x)
-    tl.store(y_ptr + offs, y.to(x.dtype), mask=ok)
+    y = tl.where(tl.abs(x.to(tl.float32)) <= t, 0.0, x).to(x.dtype)
+    tl.store(y_ptr + row * K + offs_k, y, mask=ok)
+    if COUNT:
+        tl.atomic_add(zeros_ptr + row, tl.sum(((y == 0) & ok).to(tl.int32), axis=0))
 
 
-def _launch(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def _launch(x: torch.Tensor, threshold: torch.Tensor, count: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x.contiguous()
     y = torch.empty_like(x)
-    numel = x.numel()
-    if numel == 0:
-        return y
-    block = 1024
-    _threshold_mask_kernel[(triton.cdiv(numel, block),)](
-        x, threshold, y, numel, x.shape[-1], T_PER_CHANNEL=threshold.dim() == 1, BLOCK=block, num_warps=4)
-    return y
+    k = x.shape[-1] if x.dim() else 1
+    rows = x.numel() // k if k else 0
+    zeros = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device) if count else None
+    if x.numel() == 0:
+        return y, zeros
+    _threshold_mask_kernel[(rows, triton.cdiv(k, BLOCK))](
+        x, threshold, y, zeros if count else y, k, T_PER_CHANNEL=threshold.dim() == 1, COUNT=count,
+        BLOCK=BLOCK, num_warps=4)
+    return y, zeros
 
 
 @torch.library.custom_op("lm_sparse::threshold_mask", mutates_args=())
 def threshold_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """x with |x| <= t set to zero (one read, one write); threshold from `reference.round_threshold`."""
-    return _launch(x, threshold)
+    return _launch(x, threshold, count=False)[0]
 
 
 @threshold_mask.register_fake
 def _threshold_mask_fake(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("lm_sparse::threshold_mask_counted", mutates_args=())
+def threshold_mask_counted(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`threshold_mask` plus the zero entries of the masked x per row (int64, x.shape[:-1]), same pass."""
+    y, zeros = _launch(x, threshold, count=True)
+    assert zeros is not None
+    return y, zeros.long()
+
+
+@threshold_mask_counted.register_fake
+def _threshold_mask_counted_fake(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:-1], dtype=torch.int64))
