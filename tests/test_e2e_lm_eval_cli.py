@@ -46,6 +46,7 @@ def test_lm_eval_cli_topk_reports_measured_sparsity(tmp_path, smollm2_dir):
     stdout = proc.stdout
     assert "|e2e_mc" in stdout and "acc" in stdout  # lm-eval's own table
     assert stdout.index("|e2e_mc") < stdout.index("sparse-hf: topk=0.5")  # our summary comes after it
+    assert "weights skipped (parameter-weighted" in stdout
     results = json.loads(next(out_dir.rglob("results_*.json")).read_text())
     sparsity = results["config"]["sparsity"]
     assert abs(sparsity["ffn"] - 0.5) <= 0.01

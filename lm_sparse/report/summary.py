@@ -23,6 +23,10 @@ def format_summary(report: dict[str, Any]) -> str:
     for phase, row in (report.get("phases") or {}).items():
         lines.append(f"|{phase}|{row.get('tokens', 0)}|{_pct(row.get('sparsity'))}|{_pct(row.get('ffn'))}|"
                      f"{_pct(row.get('attn'))}|")
+    if report.get("weights_skipped") is not None:
+        # TEAL's levels (teal=S) are parameter-weighted: this is the number to compare them with.
+        lines += ["", f"weights skipped (parameter-weighted over the decoder's linear layers): "
+                      f"{_pct(report.get('weights_skipped'))}"]
     execution = report.get("execution") or {}
     per_layer = report.get("per_layer") or {}
     if per_layer:
