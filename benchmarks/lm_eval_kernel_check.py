@@ -1,0 +1,116 @@
+"""`lm-sparse eval` with teal=S on a local generation task: did decode steps run the sparse kernel?
+
+Builds, offline, a random-weight Llama-shaped model (bf16) with the word-level test tokenizer, a calibration
+file and a generate_until task of random word prompts, then runs
+
+    python -m lm_sparse eval --model sparse-hf \
+        --model_args pretrained=<model>,teal=0.5,calib_data=<file>,dtype=bfloat16,sparse_kernels=on \
+        --tasks lmsparse_kernel_gen --include_path <dir> --device cuda --output_path <dir>
+
+and prints the sparsity report's execution paths and per-phase sparsity from the results file. On CUDA it
+fails unless every threshold site's decode path is `sparse_kernel` (and prefill `masked_dense_fused`).
+
+    python benchmarks/lm_eval_kernel_check.py --out /tmp/kcheck            # GPU (the issue's check)
+    python benchmarks/lm_eval_kernel_check.py --out /tmp/kcheck --smoke    # CPU: tiny model, masked dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = """task: lmsparse_kernel_gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {data}
+test_split: train
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["<eos>"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def write_inputs(out: Path, smoke: bool, docs: int, max_gen_toks: int) -> tuple[Path, Path, Path]:
+    """Model dir (random weights + word tokenizer), calibration .txt and task dir under `out`."""
+    import torch
+
+    from lm_sparse.testing import WORDS, save_tiny_model, save_word_tokenizer
+
+    rng = random.Random(0)
+    words = WORDS[3:]
+    size = {} if smoke else dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
+    tok = save_word_tokenizer(out / "tokenizer")
+    model = save_tiny_model("llama", tok, out / "model", dtype=torch.float32 if smoke else torch.bfloat16, **size)
+    calib = out / "calib.txt"
+    calib.write_text("\n".join(" ".join(rng.choices(words, k=200)) for _ in range(400 if not smoke else 60)))
+    tasks = out / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    data = tasks / "docs.jsonl"
+    with data.open("w") as f:
+        for _ in range(docs):
+            f.write(json.dumps({"prompt": " ".join(rng.choices(words, k=24)), "target": rng.choice(words)}) + "\n")
+    (tasks / "lmsparse_kernel_gen.yaml").write_text(TASK.format(data=data, max_gen_toks=max_gen_toks))
+    return model, calib, tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="working directory (model, task, results)")
+    parser.add_argument("--teal", type=float, default=0.5)
+    parser.add_argument("--docs", type=int, default=16)
+    parser.add_argument("--max-gen-toks", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, not kernels")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    out = Path(args.out).resolve()
+    model, calib, tasks = write_inputs(out, args.smoke, args.docs, args.max_gen_toks)
+    model_args = (f"pretrained={model},teal={args.teal},calib_data={calib},calib_seqlen=128,"
+                  f"dtype={'float32' if args.smoke else 'bfloat16'},sparse_kernels={'on' if device == 'cuda' else 'off'}")
+    # Calibration only has to produce thresholds here: keep it short (the kernel path is what is checked).
+    model_args += (",calib_tokens=2048,teal_greedy_tokens=128,teal_greedy_steps=10" if args.smoke
+                   else ",calib_tokens=16384,teal_greedy_tokens=4096")
+    cmd = [sys.executable, "-m", "lm_sparse", "eval", "--model", "sparse-hf", "--model_args", model_args,
+           "--tasks", "lmsparse_kernel_gen", "--include_path", str(tasks), "--device", device,
+           "--batch_size", "1", "--output_path", str(out / "results")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LM_SPARSE_CACHE": str(out / "cache")}
+    print(" ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    print(proc.stdout[-6000:])
+    if proc.returncode != 0:
+        print(proc.stderr[-6000:], file=sys.stderr)
+        return proc.returncode
+    results = json.loads(max((out / "results").rglob("results_*.json"), key=os.path.getmtime).read_text())
+    report = results["config"]["sparsity"]
+    print(f"device {device}, {seconds:.1f} s; weights skipped {report['weights_skipped']:.3f}; "
+          f"decode tokens {report['phases']['decode']['tokens']}, decode sparsity {report['phases']['decode']['sparsity']}")
+    print(json.dumps(report["execution"], indent=1))
+    if device == "cuda":
+        wrong = {k: v for k, v in report["execution"].items()
+                 if v != {"prefill": "masked_dense_fused", "decode": "sparse_kernel"}}
+        if wrong or not report["phases"]["decode"]["tokens"]:
+            print(f"FAILED: not every decode step ran the sparse kernel: {wrong}", file=sys.stderr)
+            return 1
+        print("OK: every decode step of every threshold site ran the sparse kernel")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
