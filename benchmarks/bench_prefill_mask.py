@@ -18,6 +18,7 @@ Thresholds are the 50% quantile of each site's |input|.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -82,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             engine.prefill_maskers.clear()
             if mode.startswith("fused"):
                 attach_prefill_masks(engine, allow_interpreter=True)
-            engine.counting = not mode.endswith("mask")
-            with engine.attached():
+            counting = mode.endswith("count")
+            with engine.attached(), (contextlib.nullcontext() if counting else engine.paused()):
                 times[mode] = time_forward(model, ids, repeats)
             engine.counter.reset()
-        engine.counting = True
         rows.append({"batch": batch, "tokens": seq, **{k: v * 1e3 for k, v in times.items()}})
         print(f"{batch}x{seq}: {times}", file=sys.stderr)
     # The layout attach_decode_kernels makes: q/k/v and gate/up fused into one W^T each, o and down alone.

@@ -171,8 +171,7 @@ class GreedyPath:
     levels: torch.Tensor  # [R, M] sparsity of each site
 
 
-def greedy_block(runner: BlockRunner, num_params: list[int], steps: int, stop: float = STOP_LEVEL,
-                 on_step: Callable[[], None] | None = None) -> GreedyPath:
+def greedy_block(runner: BlockRunner, num_params: list[int], steps: int, stop: float = STOP_LEVEL) -> GreedyPath:
     """TEAL's greedy search on one block (inside `runner.attached()`); stops at effective sparsity `stop`.
 
     A matrix already at sparsity 1 is not moved again; its last step is clipped at 1.
@@ -204,8 +203,6 @@ def greedy_block(runner: BlockRunner, num_params: list[int], steps: int, stop: f
         rows_eff.append(effective_sparsity(levels, num_params))
         rows_err.append(best[0])
         rows_lv.append(levels)
-        if on_step is not None:
-            on_step()
     return GreedyPath(torch.tensor(rows_eff, dtype=torch.float64), torch.tensor(rows_err, dtype=torch.float64),
                       torch.tensor(rows_lv, dtype=torch.float64))
 
