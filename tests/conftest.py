@@ -50,6 +50,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@torch.no_grad()
+def dense_and_attached_logits(model, engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one forward on `ids` without the engine's hooks, then with them attached."""
+    dense = model(ids).logits
+    with engine.attached():
+        return dense, model(ids).logits
+
+
 @contextmanager
 def down_proj_pre_hooks(model, hook: Callable) -> Iterator[None]:
     """Install `hook` as a forward pre-hook on every layer's mlp.down_proj; remove them all afterwards."""

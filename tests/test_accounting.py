@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_CONFIGS, down_proj_pre_hooks, make_tiny_model
+from conftest import TINY_CONFIGS, dense_and_attached_logits, down_proj_pre_hooks, make_tiny_model
 from lm_sparse.engine import CountOnly, SparsityCounter, SparsityEngine, TopK
 
 torch.set_num_threads(1)
@@ -174,10 +174,7 @@ def test_sparse_prefill_none_leaves_prompts_dense_and_sparsifies_decode():
     ids = torch.randint(3, 128, (1, 6))
     engine = SparsityEngine(model, sparse_prefill="none")
     engine.set_rules({s.index: TopK(0.5, s.in_features) for s in engine.sites_named("down")})
-    with torch.no_grad():
-        dense = model(ids).logits
-        with engine.attached():
-            prefill = model(ids).logits
+    dense, prefill = dense_and_attached_logits(model, engine, ids)
     torch.testing.assert_close(prefill, dense, rtol=0, atol=0)
     _generate(model, engine, ids, torch.ones_like(ids), eos=None, pad=0, new_tokens=4)
     engine.counter.synchronize()
@@ -214,10 +211,7 @@ def test_count_only_rule_changes_nothing():
     ids = torch.randint(3, 128, (2, 5))
     engine = SparsityEngine(model)
     engine.set_rules({s.index: CountOnly() for s in engine.sites})
-    with torch.no_grad():
-        dense = model(ids).logits
-        with engine.attached():
-            counted = model(ids).logits
+    dense, counted = dense_and_attached_logits(model, engine, ids)
     torch.testing.assert_close(counted, dense, rtol=0, atol=0)
     engine.counter.synchronize()
     assert engine.report()["tokens"] == 10

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_CONFIGS, down_proj_pre_hooks, make_tiny_model
+from conftest import TINY_CONFIGS, dense_and_attached_logits, down_proj_pre_hooks, make_tiny_model
 from lm_sparse.engine import SparsityEngine, Threshold, TopK, UnsupportedArchitectureError, resolve_sites
 from lm_sparse.engine.arch import ARCHITECTURES, is_relu_family
 
@@ -108,12 +108,9 @@ def test_topk_half_is_exactly_half_and_matches_reference(name):
     down = engine.sites_named("down")
     engine.set_rules({s.index: TopK(0.5, s.in_features) for s in down})
     assert {engine.rules[s.index].k for s in down} == {32}
-    with torch.no_grad():
-        dense = model(ids).logits
-        with engine.attached():
-            sparse = model(ids).logits
-        with _reference_down_topk(model, 32):
-            reference = model(ids).logits
+    dense, sparse = dense_and_attached_logits(model, engine, ids)
+    with torch.no_grad(), _reference_down_topk(model, 32):
+        reference = model(ids).logits
     engine.counter.synchronize()
     report = engine.report()
     assert report["ffn"] == 0.5 and report["overall"] == 0.5 and report["attn"] is None
@@ -247,10 +244,7 @@ def test_dense_relu_counts_natural_zeros(name):
     assert is_relu_family(model.config)
     engine = SparsityEngine(model)
     engine.count_natural_zeros()
-    with torch.no_grad():
-        dense = model(ids).logits
-        with engine.attached():
-            counted = model(ids).logits
+    dense, counted = dense_and_attached_logits(model, engine, ids)
     torch.testing.assert_close(counted, dense, rtol=0, atol=0)
     engine.counter.synchronize()
     expected, per_layer = _direct_zero_count(model, ids)
