@@ -28,20 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TASK_YAML = """task: bench_gsm8k_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
-
+from lm_sparse.testing import ACC, write_json_task
 
 def build_task(data: Path, docs: int, out_dir: Path, seed: int = 0) -> Path:
     """Write a multiple-choice task of `docs` questions x 4 choices into `out_dir`."""
@@ -65,10 +52,9 @@ def build_task(data: Path, docs: int, out_dir: Path, seed: int = 0) -> Path:
                          "label": choices.index(str(value))})
             if len(rows) == docs:
                 break
-    jsonl = out_dir / "bench_gsm8k_mc.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out_dir / "bench_gsm8k_mc.yaml").write_text(TASK_YAML.format(data=jsonl))
-    return out_dir
+    return write_json_task(out_dir, "bench_gsm8k_mc", rows, output_type="multiple_choice",
+                           doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="{{choices}}",
+                           doc_to_target="label", metric_list=ACC)
 
 
 def run_one(model: str, model_args: str, task_dir: str, batch_size: int) -> dict:

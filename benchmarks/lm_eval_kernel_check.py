@@ -26,28 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = """task: lmsparse_kernel_gen
-dataset_path: json
-dataset_kwargs:
-  data_files: {data}
-test_split: train
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["<eos>"]
-  max_gen_toks: {max_gen_toks}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
-
-
 def write_inputs(out: Path, smoke: bool, docs: int, max_gen_toks: int) -> tuple[Path, Path, Path]:
     """Model dir (random weights + word tokenizer), calibration .txt and task dir under `out`."""
     import torch
 
-    from lm_sparse.testing import WORDS, save_tiny_model, save_word_tokenizer
+    from lm_sparse.testing import EXACT_MATCH, WORDS, save_tiny_model, save_word_tokenizer, write_json_task
 
     rng = random.Random(0)
     words = WORDS[3:]
@@ -57,13 +40,10 @@ def write_inputs(out: Path, smoke: bool, docs: int, max_gen_toks: int) -> tuple[
     model = save_tiny_model("llama", tok, out / "model", dtype=torch.float32 if smoke else torch.bfloat16, **size)
     calib = out / "calib.txt"
     calib.write_text("\n".join(" ".join(rng.choices(words, k=200)) for _ in range(400 if not smoke else 60)))
-    tasks = out / "tasks"
-    tasks.mkdir(parents=True, exist_ok=True)
-    data = tasks / "docs.jsonl"
-    with data.open("w") as f:
-        for _ in range(docs):
-            f.write(json.dumps({"prompt": " ".join(rng.choices(words, k=24)), "target": rng.choice(words)}) + "\n")
-    (tasks / "lmsparse_kernel_gen.yaml").write_text(TASK.format(data=data, max_gen_toks=max_gen_toks))
+    rows = [{"prompt": " ".join(rng.choices(words, k=24)), "target": rng.choice(words)} for _ in range(docs)]
+    tasks = write_json_task(out / "tasks", "lmsparse_kernel_gen", rows, output_type="generate_until",
+                            doc_to_text="{{prompt}}", doc_to_target="{{target}}", metric_list=EXACT_MATCH,
+                            generation_kwargs={"until": ["<eos>"], "max_gen_toks": max_gen_toks, "do_sample": False})
     return model, calib, tasks
 
 
@@ -80,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     out = Path(args.out).resolve()
     model, calib, tasks = write_inputs(out, args.smoke, args.docs, args.max_gen_toks)
+    dtype, kernels = "float32" if args.smoke else "bfloat16", "on" if device == "cuda" else "off"
     model_args = (f"pretrained={model},teal={args.teal},calib_data={calib},calib_seqlen=128,"
-                  f"dtype={'float32' if args.smoke else 'bfloat16'},sparse_kernels={'on' if device == 'cuda' else 'off'}")
+                  f"dtype={dtype},sparse_kernels={kernels}")
     # Calibration only has to produce thresholds here: keep it short (the kernel path is what is checked).
     model_args += (",calib_tokens=2048,teal_greedy_tokens=128,teal_greedy_steps=10" if args.smoke
                    else ",calib_tokens=16384,teal_greedy_tokens=4096")
@@ -99,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
     results = json.loads(max((out / "results").rglob("results_*.json"), key=os.path.getmtime).read_text())
     report = results["config"]["sparsity"]
+    decode = report["phases"]["decode"]
     print(f"device {device}, {seconds:.1f} s; weights skipped {report['weights_skipped']:.3f}; "
-          f"decode tokens {report['phases']['decode']['tokens']}, decode sparsity {report['phases']['decode']['sparsity']}")
+          f"decode tokens {decode['tokens']}, decode sparsity {decode['sparsity']}")
     print(json.dumps(report["execution"], indent=1))
     if device == "cuda":
         wrong = {k: v for k, v in report["execution"].items()
                  if v != {"prefill": "masked_dense_fused", "decode": "sparse_kernel"}}
-        if wrong or not report["phases"]["decode"]["tokens"]:
+        if wrong or not decode["tokens"]:
             print(f"FAILED: not every decode step ran the sparse kernel: {wrong}", file=sys.stderr)
             return 1
         print("OK: every decode step of every threshold site ran the sparse kernel")

@@ -6,8 +6,10 @@ Nothing here downloads anything: the test suite, the `--smoke` benchmarks and th
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +27,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "llama_relu": dict(model_type="llama", hidden_act="relu", **_COMMON),
     "llama_relu2": dict(model_type="llama", hidden_act="relu2", **_COMMON),
 }
+# lm-eval metric entries of the local tasks below
+ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+EXACT_MATCH = [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]
 # The word-level tokenizer's vocabulary: ids 0-2 special, then "w0" .. "w124" (128 ids, the tiny vocab).
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(125)]
 
@@ -64,3 +69,21 @@ def save_tiny_model(name: str, tokenizer_dir: Path, out: Path, seed: int = 0,
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, Path(out) / f.name)
     return Path(out)
+
+
+def write_json_task(folder: Path, name: str, rows: list[dict], **config: Any) -> Path:
+    """Write `rows` to <folder>/<name>.jsonl and the lm-eval task <folder>/<name>.yaml that reads them.
+
+    The task reads the file as its test split; `config` is the rest of the task (output_type, doc_to_text,
+    doc_to_target, metric_list, ...), written as YAML. Returns `folder` (an `--include_path`).
+    """
+    import yaml  # lm-eval's own dependency
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", **config}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    return folder

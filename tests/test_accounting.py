@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import TINY_CONFIGS, dense_and_attached_logits, down_proj_pre_hooks, make_tiny_model
 from lm_sparse.engine import CountOnly, SparsityCounter, SparsityEngine, TopK
+from lm_sparse.testing import ACC, EXACT_MATCH, write_json_task
 
 torch.set_num_threads(1)
 
@@ -240,44 +241,8 @@ def test_decode_executor_runs_in_decode_and_counts(policy):
 
 
 # -- sparse-hf through lm-eval ------------------------------------------------------------------------
-MC_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-GEN_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["w124 w124"]
-  max_gen_toks: 5
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def write_tiny_tasks(folder) -> str:
     """Write tiny_mc (multiple choice; one- and two-token choices, a shared context) and tiny_gen."""
-    import json
     import random
 
     rng = random.Random(0)
@@ -290,10 +255,11 @@ def write_tiny_tasks(folder) -> str:
                    "label": i % 3})
         gen.append({"context": context, "answer": word()})
     mc.append(dict(mc[1], label=0))  # same context and one-token choices: lm-eval's logits cache reuses rows
-    for name, rows, template in (("tiny_mc", mc, MC_YAML), ("tiny_gen", gen, GEN_YAML)):
-        data = folder / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / f"{name}.yaml").write_text(template.format(name=name, data=data))
+    write_json_task(folder, "tiny_mc", mc, output_type="multiple_choice", doc_to_text="{{context}}",
+                    doc_to_choice="{{choices}}", doc_to_target="label", metric_list=ACC)
+    write_json_task(folder, "tiny_gen", gen, output_type="generate_until", doc_to_text="{{context}}",
+                    doc_to_target="{{answer}}", metric_list=EXACT_MATCH,
+                    generation_kwargs={"until": ["w124 w124"], "max_gen_toks": 5, "do_sample": False})
     return str(folder)
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lm_sparse.testing import ACC, write_json_task
+
 ITEMS = [
     ("What color is the sky on a clear day?", ["blue", "green", "red", "black"], 0),
     ("How many legs does a dog have?", ["two", "four", "six", "eight"], 1),
@@ -19,18 +21,10 @@ ITEMS = [
 
 
 def write_task(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    data = root / "e2e_mc.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": a}) + "\n" for q, c, a in ITEMS))
-    (root / "e2e_mc.yaml").write_text(
-        "task: e2e_mc\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return root
+    rows = [{"question": q, "choices": c, "label": a} for q, c, a in ITEMS]
+    return write_json_task(root, "e2e_mc", rows, output_type="multiple_choice",
+                           doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="{{choices}}",
+                           doc_to_target="label", metric_list=ACC)
 
 
 def test_lm_eval_cli_topk_reports_measured_sparsity(tmp_path, smollm2_dir):
