@@ -14,11 +14,8 @@ on the prompt (what TEAL's calibration produces), and hands decode steps to the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -29,6 +26,8 @@ from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
 from lm_sparse.engine.rules import Threshold  # noqa: E402
 from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
 from lm_sparse.kernels.decode import generate_static  # noqa: E402
+
+from bench_common import environment, median_seconds, write_results  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -70,17 +69,8 @@ def quantile_thresholds(engine: SparsityEngine, model, prompt: torch.Tensor, lev
 
 def timed_generate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """Median wall seconds of generate_static (after one warm-up run that compiles)."""
-    def once() -> float:
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate_static(model, prompt, None, new_tokens, None, 0, [-1])
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    return median_seconds(lambda: generate_static(model, prompt, None, new_tokens, None, 0, [-1]), repeats,
+                          prompt.device)
 
 
 def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
@@ -123,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,
                      "speedup": tps / rows[0]["tokens_per_s"]})
         print(f"teal {level}: {tps:.1f} tokens/s", file=sys.stderr)
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-            "torch": torch.__version__, "triton": __import__("triton").__version__,
+    meta = {**environment(device),
             "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
             "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1}
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}, "
@@ -133,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['level']:.2f} | {r['tokens_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_results(args.out, meta, rows)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ if not torch.cuda.is_available():
 
 from lm_sparse.kernels.reference import round_threshold  # noqa: E402
 from lm_sparse.kernels.sparse_gemv import LaunchConfig, choose_config, sparse_gemv  # noqa: E402
+
+from bench_common import environment, write_results  # noqa: E402
 
 SHAPES = {  # name: (in_features K, out_features N)
     "8B up/gate 4096x14336": (4096, 14336),
@@ -135,13 +136,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"{name} b={batch} s={s}: {t_sparse * 1e6:.1f} us (dense {t_dense * 1e6:.1f} us)",
                       file=sys.stderr)
         del weight, wt
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype,
+    meta = {**environment(device), "dtype": args.dtype,
             "copy_bandwidth_gb_per_s": bandwidth / 1e9, "rotate": args.rotate, "smoke": args.smoke}
     print_table(rows, meta)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_results(args.out, meta, rows)
     return rows
 
 

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -34,27 +31,14 @@ from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
 from lm_sparse.engine.rules import Threshold  # noqa: E402
 from lm_sparse.kernels.backend import attach_prefill_masks, make_fused_input_major, make_input_major  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import environment, median_seconds, write_results  # noqa: E402
 from bench_decode import build_model, quantile_thresholds  # noqa: E402
 
 
 def time_forward(model, ids: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward (CUDA events on GPU, perf_counter on CPU), after a warm-up."""
-    def once() -> float:
-        if ids.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(ids, logits_to_keep=1)
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) * 1e-3
-        t0 = time.perf_counter()
-        model(ids, logits_to_keep=1)
-        return time.perf_counter() - t0
-
+    """Median seconds of one no-grad forward (last position's logits only), after a warm-up."""
     with torch.no_grad():
-        once()
-        return statistics.median(once() for _ in range(repeats))
+        return median_seconds(lambda: model(ids, logits_to_keep=1), repeats, ids.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(3, model.config.vocab_size, (row["batch"], row["tokens"]), device=device)
         row["dense, input-major weights"] = time_forward(model, ids, repeats) * 1e3
 
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-            "torch": torch.__version__, "triton": __import__("triton").__version__,
+    meta = {**environment(device),
             "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16"}
     modes = ["dense", "dense, input-major weights", "naive mask", "naive mask + count", "fused mask + count"]
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}\n")
@@ -112,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         cells = [f"{r[m]:.2f} ({r[m] / r['dense']:.3f}x)" for m in modes]
         print(f"| {r['batch']}x{r['tokens']} | " + " | ".join(cells) + " |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_results(args.out, meta, rows)
     return 0
 
 

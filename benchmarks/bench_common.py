@@ -1,0 +1,40 @@
+"""What the kernel benchmarks share: the run's environment, synchronized timing, the JSON they write."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    """Device name and the torch / triton versions, for the results' meta block."""
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall seconds of `fn()` over `repeats` runs after one warm-up (which may compile), GPU synchronized."""
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
+def write_results(path: str | None, meta: dict, rows: list[dict]) -> None:
+    """Write {"meta", "rows"} as JSON to `path` (nothing when `path` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
