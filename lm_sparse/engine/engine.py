@@ -59,11 +59,11 @@ class SparsityEngine:
         self.rules: dict[int, Rule] = {}
         self.decode_executors: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.prefill_maskers: dict[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
-        # (site index, path) pairs that decode steps took; constant writes, so a compiled step replays them
-        self._decode_paths: dict[tuple[int, str], bool] = {}
+        # Paths the executors took in decode steps (sparse_kernel / dense_fallback), recorded once per step;
+        # constant writes, so a compiled step replays them.
+        self._decode_paths: dict[str, bool] = {}
         #: rows above which a decode executor falls back to a dense GEMM (set by the kernel backend)
         self.executor_max_rows: int | None = None
-        self.execution: dict[str, dict[str, str]] = {}  # site name -> phase -> path that ran
         device = next(model.parameters()).device
         self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
         self.counting = True
@@ -116,6 +116,10 @@ class SparsityEngine:
             past_len = int(past.get_seq_length())
         seq_len = ref.shape[1] if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else 1
         self._phase = DECODE if (past_len > 0 and seq_len == 1) else PREFILL
+        if self._phase == DECODE and self.decode_executors and isinstance(ref, torch.Tensor):
+            rows = ref.shape[0]  # one token per row: every executor of this step sees `rows` rows
+            dense = self.executor_max_rows is not None and rows > self.executor_max_rows
+            self._decode_paths["dense_fallback" if dense else "sparse_kernel"] = True
         valid = None
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(ref, torch.Tensor):
@@ -148,7 +152,6 @@ class SparsityEngine:
 
     def _site_pre_hook(self, site: Site) -> Callable:
         rule = self.rules[site.index]
-
         masker = self.prefill_maskers.get(site.index)
 
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -181,9 +184,6 @@ class SparsityEngine:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self._phase == DECODE:
-                rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-                dense = self.executor_max_rows is not None and rows > self.executor_max_rows
-                self._decode_paths[(site.index, "dense_fallback" if dense else "sparse_kernel")] = True
                 if not self.executor_counts:
                     if self.counting:
                         y = self.rules[site.index](x)
@@ -264,7 +264,7 @@ class SparsityEngine:
             if site.index in self.prefill_maskers:
                 paths["prefill"] = "masked_dense_fused"
             if site.index in self.decode_executors:
-                seen = [p for p in ("sparse_kernel", "dense_fallback") if self._decode_paths.get((site.index, p))]
+                seen = [p for p in ("sparse_kernel", "dense_fallback") if self._decode_paths.get(p)]
                 paths["decode"] = "+".join(seen) if seen else "sparse_kernel"
         return out
 

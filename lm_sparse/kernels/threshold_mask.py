@@ -39,12 +39,11 @@ def _threshold_mask_kernel(x_ptr, t_ptr, y_ptr, zeros_ptr, K, T_PER_CHANNEL: tl.
 def _launch(x: torch.Tensor, threshold: torch.Tensor, count: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x.contiguous()
     y = torch.empty_like(x)
-    k = x.shape[-1] if x.dim() else 1
-    rows = x.numel() // k if k else 0
     zeros = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device) if count else None
     if x.numel() == 0:
         return y, zeros
-    _threshold_mask_kernel[(rows, triton.cdiv(k, BLOCK))](
+    k = x.shape[-1]
+    _threshold_mask_kernel[(x.numel() // k, triton.cdiv(k, BLOCK))](
         x, threshold, y, zeros if count else y, k, T_PER_CHANNEL=threshold.dim() == 1, COUNT=count,
         BLOCK=BLOCK, num_warps=4)
     return y, zeros
