@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import torch
@@ -14,12 +13,6 @@ from conftest import make_tiny_model
 from lm_sparse.engine import SparsityCounter, SparsityEngine, TopK
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +31,12 @@ def _engine_for(model) -> SparsityEngine:
     return engine
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A file store, not TCP: no free-port race, and no store server living in rank 0 that can exit while
+    # rank 1 still talks to it (CI once saw rank 1 abort with "terminate called without an active exception").
+    store = Path(out_dir, "store").as_uri()
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
     try:
         counter = SparsityCounter([4, 8])
         # rank r: site 0 sees 2 tokens with (r + 1) zeros each; site 1 one token with 3r zeros (decode)
@@ -58,12 +54,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = {"zeros": zeros.tolist(), "entries": entries.tolist(), "tokens": tokens.tolist(),
                   "report": engine.report()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither rank tears gloo down while the other is still inside a collective
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_end_with_the_global_totals(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
     # Counter alone: both ranks hold the sum.
