@@ -229,10 +229,79 @@ def test_prefill_masks_and_dense_fallback_are_reported_and_exact():
     assert torch.equal(tokens, dense_tokens)
     for phase in ("prefill", "decode"):
         assert report["phases"][phase] == dense_report["phases"][phase]
-    assert report["execution"]["down"] == {"prefill": "masked_dense_fused", "decode": "dense_fallback"}
+    layers = list(range(len(model.model.layers)))
+    assert report["execution"]["down"] == {"prefill": "masked_dense_fused", "decode": "dense_fallback",
+                                           "decode_dense_layers": layers}
     with engine.attached():  # 2 rows: the kernel itself
         model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert engine.report()["execution"]["down"]["decode"] == "sparse_kernel+dense_fallback"
+
+
+def test_sparse_rows_limit_follows_the_estimated_union_sparsity():
+    """B rows of per-row sparsity s: union sparsity s**B; the kernel serves B while it stays >= 5%."""
+    from lm_sparse.kernels.backend import MIN_UNION_SPARSITY, sparse_rows_limit
+
+    assert MIN_UNION_SPARSITY == 0.05
+    assert sparse_rows_limit(None) == 8  # nothing calibrated (FAT): the kernel's own limit
+    assert [sparse_rows_limit(s) for s in (0.0, 0.04, 0.05, 0.3, 0.5, 0.7, 0.9, 1.0)] == [0, 0, 1, 2, 4, 8, 8, 8]
+    for s in (0.1, 0.25, 0.5, 0.6, 0.69):
+        b = sparse_rows_limit(s)
+        assert s ** b >= MIN_UNION_SPARSITY > s ** (b + 1)
+
+
+def test_nearly_dense_union_dispatches_to_dense_per_site():
+    """Layer 0's down at 30% sparsity serves 2 rows sparse; 4 rows run dense there, sparse elsewhere; same tokens."""
+    model = _model()
+    ids, mask = _prompts(4, 6)
+    engine = SparsityEngine(model, pad_token_id=0)
+    downs = engine.sites_named("down")
+    engine.set_rules({s.index: Threshold(0.01, expected_sparsity=0.3 if s.layer == 0 else 0.9) for s in downs})
+
+    def run(rows: int) -> tuple[torch.Tensor, dict]:
+        engine.counter.reset()
+        engine._decode_rows.clear()
+        with engine.attached():
+            out = model.generate(ids[:rows], attention_mask=mask[:rows], max_new_tokens=3, do_sample=False,
+                                 pad_token_id=0)
+        engine.counter.synchronize()
+        return out, engine.report()
+
+    dense_tokens, dense_report = run(4)
+    launches: list[tuple[int, int]] = []
+    run_op = backend._run
+
+    def recorded(x, wt, t, bias, with_counts, max_rows):
+        launches.append((x.reshape(-1, x.shape[-1]).shape[0], max_rows))
+        return run_op(x, wt, t, bias, with_counts, max_rows)
+
+    backend._run = recorded
+    try:
+        attach_decode_kernels(engine, required=True)
+        assert {engine.executor_max_rows[s.index] for s in downs} == {2, 8}
+        tokens, report = run(4)
+        assert torch.equal(tokens, dense_tokens)
+        assert report["phases"] == dense_report["phases"]
+        assert report["execution"]["down"] == {"prefill": "masked_dense", "decode": "sparse_kernel+dense_fallback",
+                                               "decode_dense_layers": [0]}
+        assert sorted(set(launches)) == [(4, 2), (4, 8)]  # every decode step, both layers, their own limits
+        _, report = run(2)
+        assert report["execution"]["down"] == {"prefill": "masked_dense", "decode": "sparse_kernel"}
+    finally:
+        backend._run = run_op
+
+
+def test_calibrated_rules_carry_their_expected_sparsity():
+    """TEAL's rules carry their matrix's level, PPL-p%'s 1 - the layer's activation ratio (the dispatch inputs)."""
+    from lm_sparse.calibrate.pplp import rules_from_tensors
+
+    model = _model()
+    engine = SparsityEngine(model)
+    downs = engine.sites_in_groups("mlp_mid")
+    tensors = {f"layer{s.layer}.down": torch.full((s.in_features,), 0.1) for s in downs}
+    ratios = [0.7, float("nan")][: len(downs)]
+    rules = rules_from_tensors(engine, tensors, ratios)
+    assert [rules[s.index].expected_sparsity for s in downs] == [pytest.approx(0.3), None][: len(downs)]
+    assert all(r.expected_sparsity is None for r in rules_from_tensors(engine, tensors).values())
 
 
 def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch):

@@ -84,6 +84,9 @@ def test_thresholds_hit_target_sparsity_for_each_matrix(name):
             assert abs(measured - levels[site.index]) <= 0.005, (mode, target, site.path, measured)
             if mode == "uniform":
                 assert levels[site.index] == target
+    # The rules served at a level carry each matrix's level (the kernel backend's dense-union estimate).
+    rules, levels = lookup.rules(engine.sites, 0.5, "greedy")
+    assert {i: r.expected_sparsity for i, r in rules.items()} == levels
 
 
 def test_histogram_quantile_matches_exact_quantile():

@@ -354,14 +354,22 @@ def calibrate_pplp(model: nn.Module, calib: torch.Tensor, heldout: torch.Tensor 
     return results, tensors
 
 
-def rules_from_tensors(engine: SparsityEngine, tensors: dict[str, torch.Tensor]) -> dict[int, Rule]:
-    """Threshold rules on the down sites from stored per-neuron thresholds; one clear error if they do not fit."""
+def rules_from_tensors(engine: SparsityEngine, tensors: dict[str, torch.Tensor],
+                       activation_ratio: list[float] | None = None) -> dict[int, Rule]:
+    """Threshold rules on the down sites from stored per-neuron thresholds; one clear error if they do not fit.
+
+    `activation_ratio` (per layer, from the calibration results) gives each rule its expected sparsity.
+    """
     rules: dict[int, Rule] = {}
     for site in engine.sites_in_groups("mlp_mid"):
         t = tensors.get(f"layer{site.layer}.down")
         if t is None or t.numel() != site.in_features:
             raise ValueError(f"lm-sparse: thresholds file has no {site.in_features}-vector for layer {site.layer}")
-        rules[site.index] = Threshold(t.float())
+        expected = None
+        if activation_ratio is not None and site.layer < len(activation_ratio):
+            ratio = activation_ratio[site.layer]
+            expected = 1.0 - float(ratio) if ratio is not None and ratio == ratio else None  # NaN: unmeasured
+        rules[site.index] = Threshold(t.float(), expected)
     return rules
 
 
@@ -410,8 +418,8 @@ def build_pplp_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
 
     payload, tensors, path = load_or_compute(fields, compute, path=config.thresholds,
                                              recalibrate=bool(config.recalibrate), rank_context=lm)
-    rules = rules_from_tensors(engine, tensors)
     results = payload.get("results", {})
+    rules = rules_from_tensors(engine, tensors, results.get("activation_ratio"))
     info = {
         "method": "pplp",
         "file": path,

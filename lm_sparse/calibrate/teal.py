@@ -327,7 +327,8 @@ class TealLookup:
     def rules(self, sites: list[Site], target: float, mode: str) -> tuple[dict[int, Rule], dict[int, float]]:
         """Threshold rules on every site at `target`; also returns the levels used."""
         levels = self.site_levels(sites, target, mode)
-        return {s.index: Threshold(self.thresholds(s.layer, s.group, levels[s.index])) for s in sites}, levels
+        return {s.index: Threshold(self.thresholds(s.layer, s.group, levels[s.index]), levels[s.index])
+                for s in sites}, levels
 
 
 # -- ppl_p=P with method=teal: the largest level within the perplexity budget ------------------------------------

@@ -10,7 +10,7 @@ Seams for the other parts of lm-sparse:
   `set_rules`; sites without a rule are left alone and not counted;
 - a decode backend (the Triton kernels) may take over a site's matrix product in decode steps by
   registering an executor with `set_decode_executor`; the report then says `sparse_kernel` for it (or
-  `dense_fallback` for steps of more rows than the kernel serves);
+  `dense_fallback` for steps of more rows than the kernel serves at that site);
 - a fused masker (`set_prefill_masker`: one pass that masks x and counts its zeros) may replace the
   rule's torch ops in multi-token forwards; the report then says `masked_dense_fused` for prefill.
 """
@@ -59,11 +59,11 @@ class SparsityEngine:
         self.rules: dict[int, Rule] = {}
         self.decode_executors: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.prefill_maskers: dict[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
-        # Paths the executors took in decode steps (sparse_kernel / dense_fallback), recorded once per step;
-        # constant writes, so a compiled step replays them.
-        self._decode_paths: dict[str, bool] = {}
-        #: rows above which a decode executor falls back to a dense GEMM (set by the kernel backend)
-        self.executor_max_rows: int | None = None
+        # Row counts of the decode steps that ran executors, recorded once per step (a constant write, so a
+        # compiled step replays it); with `executor_max_rows` they say which path each site took.
+        self._decode_rows: dict[int, bool] = {}
+        #: per site index: the most rows its executor serves with the sparse kernel (more: a dense GEMM)
+        self.executor_max_rows: dict[int, int] = {}
         device = next(model.parameters()).device
         self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
         self.counting = True
@@ -91,12 +91,18 @@ class SparsityEngine:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
         self.set_rules({s.index: CountOnly() for s in self.sites_in_groups("mlp_mid")})
 
-    def set_decode_executor(self, site_index: int, fn: Callable) -> None:
+    def set_decode_executor(self, site_index: int, fn: Callable, max_rows: int | None = None) -> None:
         """Let `fn(x)` compute the site's output (bias included) in decode steps instead of masked dense.
 
         With `executor_counts` (the default) `fn` returns (output, zero entries per token of the masked x).
+        `max_rows`: the most decode rows `fn` serves with a sparse kernel (it runs a dense GEMM above), so
+        the report can say which path ran; None: every step is the sparse kernel.
         """
         self.decode_executors[site_index] = fn
+        if max_rows is None:
+            self.executor_max_rows.pop(site_index, None)
+        else:
+            self.executor_max_rows[site_index] = int(max_rows)
 
     def set_prefill_masker(self, site_index: int, fn: Callable) -> None:
         """Let `fn(x) -> (masked x, zeros per row)` apply the site's rule in one pass where it covers every
@@ -117,9 +123,7 @@ class SparsityEngine:
         seq_len = ref.shape[1] if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else 1
         self._phase = DECODE if (past_len > 0 and seq_len == 1) else PREFILL
         if self._phase == DECODE and self.decode_executors and isinstance(ref, torch.Tensor):
-            rows = ref.shape[0]  # one token per row: every executor of this step sees `rows` rows
-            dense = self.executor_max_rows is not None and rows > self.executor_max_rows
-            self._decode_paths["dense_fallback" if dense else "sparse_kernel"] = True
+            self._decode_rows[int(ref.shape[0])] = True  # one token per row: every executor sees these rows
         valid = None
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(ref, torch.Tensor):
@@ -249,23 +253,35 @@ class SparsityEngine:
             self.deferred = previous
 
     # -- report -------------------------------------------------------------------------------------
-    def execution_paths(self) -> dict[str, dict[str, str]]:
+    def execution_paths(self) -> dict[str, dict[str, Any]]:
         """Per site name and phase, the path that computed the product.
 
         prefill: `masked_dense` (rule in torch ops, then the GEMM) or `masked_dense_fused` (one-pass masking
         kernel, then the GEMM); decode: `masked_dense`, `sparse_kernel`, `dense_fallback` (an executor's
-        dense GEMM for batches above the kernel's row limit) or both joined by "+" when steps differed.
+        dense GEMM: more rows than the kernel serves, or a union of active inputs estimated nearly dense)
+        or both joined by "+" when steps or layers differed; `decode_dense_layers` lists the layers whose
+        decode steps ran `dense_fallback` (present only when some did).
         """
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, dict[str, Any]] = {}
+        decode_paths: dict[str, set[str]] = {}
+        rows_seen = list(self._decode_rows) or [1]  # before any decode step: the path one row would take
         for site in self.sites:
             if site.index not in self.rules:
                 continue
             paths = out.setdefault(site.name, {"prefill": "masked_dense", "decode": "masked_dense"})
             if site.index in self.prefill_maskers:
                 paths["prefill"] = "masked_dense_fused"
-            if site.index in self.decode_executors:
-                seen = [p for p in ("sparse_kernel", "dense_fallback") if self._decode_paths.get(p)]
-                paths["decode"] = "+".join(seen) if seen else "sparse_kernel"
+            if site.index not in self.decode_executors:
+                continue
+            limit = self.executor_max_rows.get(site.index)
+            dense = limit is not None and any(r > limit for r in rows_seen)
+            sparse = limit is None or any(r <= limit for r in rows_seen)
+            seen = decode_paths.setdefault(site.name, set())
+            seen.update(p for p, ran in (("sparse_kernel", sparse), ("dense_fallback", dense)) if ran)
+            if dense:
+                paths.setdefault("decode_dense_layers", []).append(site.layer)
+        for name, seen in decode_paths.items():
+            out[name]["decode"] = "+".join(p for p in ("sparse_kernel", "dense_fallback") if p in seen)
         return out
 
     def report(self) -> dict[str, Any]:

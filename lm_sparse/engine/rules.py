@@ -63,10 +63,16 @@ class TopK(Rule):
 
 
 class Threshold(Rule):
-    """Keep entries with |x| > t; t is a scalar (FAT, TEAL) or a per-input-channel vector (PPL-p%)."""
+    """Keep entries with |x| > t; t is a scalar (FAT, TEAL) or a per-input-channel vector (PPL-p%).
 
-    def __init__(self, threshold: float | torch.Tensor):
+    `expected_sparsity`: the fraction of x the calibration zeroed (TEAL's level for this matrix, PPL-p%'s
+    1 - activation ratio), None where nothing was calibrated (FAT). The kernel backend uses it to tell when
+    the union of a decode batch's active inputs would be nearly dense.
+    """
+
+    def __init__(self, threshold: float | torch.Tensor, expected_sparsity: float | None = None):
         self.threshold = threshold
+        self.expected_sparsity = expected_sparsity
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _t(self, x: torch.Tensor) -> float | torch.Tensor:

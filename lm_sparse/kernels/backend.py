@@ -6,6 +6,10 @@ down_proj runs it (gate and up read the dense hidden state). Top-k is not a thre
 on the rank of |x| in the row, with torch.topk's tie-breaking), so Top-k sites stay masked dense and the
 sparsity report says so per site.
 
+A decode step of B rows reads the union of the rows' active inputs. Where the calibrated sparsity s of a
+site makes that union nearly dense (estimated s**B < MIN_UNION_SPARSITY), the step runs a dense GEMM
+instead (`sparse_rows_limit`), and the report says `dense_fallback` for it.
+
 Each attached site's weight is re-stored once, input-major: wt = W^T [K, N] contiguous, and the module's
 `weight` becomes the view `wt.t()`. Prefill keeps running the module's ordinary F.linear (cuBLAS reads
 the transposed view as a plain NN GEMM, no copy) and memory does not grow.
@@ -68,27 +72,54 @@ def _threshold_for(threshold: float | torch.Tensor):
     return get
 
 
-def _run(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, with_counts: bool):
+#: Below this union sparsity a sparse launch could skip at most 5% of the weight bytes, less than what its
+#: tiles lose to cuBLAS's dense GEMV: run the dense GEMM.
+MIN_UNION_SPARSITY = 0.05
+
+
+def sparse_rows_limit(expected_sparsity: float | None) -> int:
+    """The most decode rows (0..8) one sparse launch serves for inputs of per-row sparsity `expected_sparsity`.
+
+    B rows read the union of their active inputs; its sparsity is estimated as s**B, the value for rows that
+    are independent (activations share outlier channels, which keeps the real union sparser: the estimate
+    errs towards dense). None (nothing calibrated, e.g. FAT): the kernel's own limit of 8 rows.
+    """
+    from .sparse_gemv import MAX_SPARSE_BATCH
+
+    if expected_sparsity is None:
+        return MAX_SPARSE_BATCH
+    s = min(max(float(expected_sparsity), 0.0), 1.0)
+    rows = 0
+    while rows < MAX_SPARSE_BATCH and s ** (rows + 1) >= MIN_UNION_SPARSITY:
+        rows += 1
+    return rows
+
+
+def _run(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, with_counts: bool,
+         max_rows: int):
     if with_counts:
-        return torch.ops.lm_sparse.sparse_linear_counted(x, wt, t, bias)
-    return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias)
+        return torch.ops.lm_sparse.sparse_linear_counted(x, wt, t, bias, max_rows)
+    return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias, max_rows)
 
 
-def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, with_counts: bool = False):
+def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, with_counts: bool = False,
+                         max_rows: int | None = None):
     """fn(x [B, 1, K]) -> the module's output (bias included) through the sparse kernel.
 
     With `with_counts` it returns (y, zeros [B, 1]): the zero entries of the masked x per row, counted
-    in the kernel's own pass, for an engine that records them instead of re-masking x.
+    in the kernel's own pass, for an engine that records them instead of re-masking x. Steps of more than
+    `max_rows` rows (default and at most 8) run a dense GEMM on the masked x.
     """
-    from .sparse_gemv import sparse_linear  # noqa: F401  (registers the torch.ops.lm_sparse ops)
+    from .sparse_gemv import MAX_SPARSE_BATCH, sparse_linear  # noqa: F401  (registers the torch.ops.lm_sparse ops)
 
     threshold_of = _threshold_for(threshold)
+    limit = MAX_SPARSE_BATCH if max_rows is None else int(max_rows)
 
     def execute(x: torch.Tensor):
         wt = module.weight.t()  # the input-major storage (make_input_major)
         if x.dtype != wt.dtype:  # autocast: the masked-dense path would run the GEMM in the weight's dtype
             x = x.to(wt.dtype)
-        return _run(x, wt, threshold_of(x), module.bias, with_counts)
+        return _run(x, wt, threshold_of(x), module.bias, with_counts, limit)
 
     return execute
 
@@ -109,13 +140,16 @@ def make_fused_input_major(modules: list[nn.Linear]) -> torch.Tensor:
 
 
 def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | torch.Tensor,
-                                with_counts: bool = False) -> list:
+                                with_counts: bool = False, max_rows: int | None = None) -> list:
     """One executor per module; the first one called with a new x runs a single launch for all of them.
 
     The group's modules share x and the threshold, so the union of active inputs is read once and the
     others' outputs are handed out from that launch (two launches saved for q/k/v, one for gate/up).
+    `max_rows`: as in `make_decode_executor`.
     """
-    from .sparse_gemv import sparse_linear  # noqa: F401
+    from .sparse_gemv import MAX_SPARSE_BATCH, sparse_linear  # noqa: F401
+
+    limit = MAX_SPARSE_BATCH if max_rows is None else int(max_rows)
 
     wt = make_fused_input_major(modules)
     sizes = [m.out_features for m in modules]
@@ -130,7 +164,7 @@ def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | tor
         def execute(x: torch.Tensor):
             if state["x"] is not x:
                 xin = x.to(wt.dtype) if x.dtype != wt.dtype else x
-                out = _run(xin, wt, threshold_of(xin), bias, with_counts)
+                out = _run(xin, wt, threshold_of(xin), bias, with_counts, limit)
                 y, zeros = out if with_counts else (out, None)
                 state.update(x=x, outs=y.split(sizes, dim=-1), zeros=zeros, served=0)
             y, zeros = state["outs"][i], state["zeros"]
@@ -190,11 +224,12 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
     """Register the sparse kernel as decode executor of every threshold site; return their site indices.
 
     Sites of one layer that read the same input with the same threshold (q/k/v, gate/up: TEAL's group
-    thresholds) share one fused launch when `fuse`. Does nothing (returns []) where the kernels cannot
-    run (no CUDA, no triton) or no site has a threshold rule; with `required` (sparse_kernels=on) those
-    cases raise one clear error instead. `allow_interpreter`: see `kernel_device_problem`.
+    thresholds) share one fused launch when `fuse`. A site's kernel serves up to `sparse_rows_limit(rule's
+    expected sparsity)` rows; larger steps run a dense GEMM. Does nothing (returns []) where the kernels
+    cannot run (no CUDA, no triton) or no site has a threshold rule; with `required` (sparse_kernels=on)
+    those cases raise one clear error instead. `allow_interpreter`: see `kernel_device_problem`.
     """
-    from .sparse_gemv import MAX_SPARSE_BATCH, SUPPORTED_DTYPES
+    from .sparse_gemv import SUPPORTED_DTYPES
 
     device = next(engine.model.parameters()).device
     problem = kernel_device_problem(device, allow_interpreter)
@@ -204,7 +239,6 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
         return []
     # An engine that sets `executor_counts = True` takes (y, zeros) from executors (no re-masking).
     with_counts = bool(getattr(engine, "executor_counts", False))
-    engine.executor_max_rows = MAX_SPARSE_BATCH  # above it the op runs a dense GEMM: reported as such
     groups: dict[tuple[int, str], list] = {}
     for site in engine.sites:
         rule = engine.rules.get(site.index)
@@ -224,13 +258,17 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
         fusable = (fuse and len(sites) > 1 and _same_threshold(rules)
                    and len({(m.weight.dtype, m.weight.device) for m in modules}) == 1)
         if fusable:
-            for site, fn in zip(sites, make_fused_decode_executors(modules, rules[0].threshold, with_counts)):
-                engine.set_decode_executor(site.index, fn)
+            # One launch serves the group: the densest member's limit (equal thresholds: equal levels in TEAL).
+            limit = min(sparse_rows_limit(r.expected_sparsity) for r in rules)
+            fns = make_fused_decode_executors(modules, rules[0].threshold, with_counts, limit)
+            for site, fn in zip(sites, fns):
+                engine.set_decode_executor(site.index, fn, max_rows=limit)
         else:
             for site, rule in zip(sites, rules):
                 make_input_major(site.module)
+                limit = sparse_rows_limit(rule.expected_sparsity)
                 engine.set_decode_executor(site.index, make_decode_executor(site.module, rule.threshold,
-                                                                            with_counts))
+                                                                            with_counts, limit), max_rows=limit)
         attached.extend(s.index for s in sites)
     if required and not attached:
         raise SparsityArgumentError(

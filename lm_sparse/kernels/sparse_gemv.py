@@ -17,8 +17,9 @@ greedy-decoding equality tests rely on that). The cost is one extra launch and S
 traffic, under 1% of the weight bytes for the shapes that matter. With SPLIT_K = 1 the first kernel writes y.
 
 Batch 1 multiplies and keeps a [BLOCK_K, BLOCK_N] accumulator (one reduction at the end); batch 2..8 pads
-the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows the union of active inputs is
-nearly dense anyway, so the op falls back to a dense GEMM on the masked input.
+the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows, or above the op's `max_rows`
+argument (the backend lowers it where the union of the rows' active inputs would be nearly dense), the op
+runs a dense GEMM on the masked input instead.
 """
 
 from __future__ import annotations
@@ -214,16 +215,20 @@ def dense_masked_linear(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tens
     return F.linear(masked_input(x, threshold), wt.t(), bias)
 
 
+def _dense_rows(rows: int, max_rows: int) -> bool:
+    return rows == 0 or rows > min(max_rows, MAX_SPARSE_BATCH)
+
+
 @torch.library.custom_op("lm_sparse::sparse_linear", mutates_args=())
 def sparse_linear(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = (x * (|x| > t)) @ wt + bias for x [..., K]; sparse kernel for <= 8 rows, dense GEMM above.
+                  bias: torch.Tensor | None = None, max_rows: int = MAX_SPARSE_BATCH) -> torch.Tensor:
+    """y = (x * (|x| > t)) @ wt + bias for x [..., K]; sparse kernel up to `max_rows` rows (at most 8), dense above.
 
     wt is the input-major weight [K, N]; threshold is float32 rounded to x's dtype (0-d or [K]).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > MAX_SPARSE_BATCH or x2.shape[0] == 0:
+    if _dense_rows(x2.shape[0], max_rows):
         y = dense_masked_linear(x2, wt, threshold, bias)
     else:
         y = sparse_gemv(x2.contiguous(), wt, threshold, bias)
@@ -232,13 +237,14 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
 
 @sparse_linear.register_fake
 def _sparse_linear_fake(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, max_rows: int = MAX_SPARSE_BATCH) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], wt.shape[1]))
 
 
 @torch.library.custom_op("lm_sparse::sparse_linear_counted", mutates_args=())
 def sparse_linear_counted(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          bias: torch.Tensor | None = None,
+                          max_rows: int = MAX_SPARSE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_linear` plus the number of zero entries of the masked x per row (int64, x.shape[:-1]).
 
     The count is what the engine records for its sparsity report; counting in the kernel's own pass
@@ -246,7 +252,7 @@ def sparse_linear_counted(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Te
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > MAX_SPARSE_BATCH or x2.shape[0] == 0:
+    if _dense_rows(x2.shape[0], max_rows):
         xm = masked_input(x2, threshold)
         y, zeros = F.linear(xm, wt.t(), bias), (xm == 0).sum(-1)
     else:
@@ -256,5 +262,6 @@ def sparse_linear_counted(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Te
 
 @sparse_linear_counted.register_fake
 def _sparse_linear_counted_fake(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor,
-                                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                bias: torch.Tensor | None = None,
+                                max_rows: int = MAX_SPARSE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((*x.shape[:-1], wt.shape[1])), x.new_empty(x.shape[:-1], dtype=torch.int64)
