@@ -340,3 +340,26 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     compiled_frames = counter.frame_count
     tokens, _ = run(True)  # a second call reuses the compiled step
     assert torch.equal(tokens, eager_tokens) and counter.frame_count == compiled_frames
+
+
+def test_attaching_kernels_keeps_one_copy_of_every_weight():
+    """Input-major storage replaces the weights (fused q/k/v and gate/up included): no old copy stays alive."""
+    import gc
+    import weakref
+
+    model = _model()
+    ids, mask = _prompts(1, 8)
+    engine = SparsityEngine(model, pad_token_id=0)
+    engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
+
+    def stored_bytes() -> int:
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+        return sum(storages.values())
+
+    dense_bytes = stored_bytes()
+    old = [weakref.ref(s.module.weight) for s in engine.sites]
+    attach_decode_kernels(engine, required=True)
+    gc.collect()
+    assert all(ref() is None for ref in old)  # the engine, the executors and the model hold only the new views
+    assert stored_bytes() <= 1.05 * dense_bytes
+    assert stored_bytes() == dense_bytes  # the fused layout is a re-arrangement, not a copy
