@@ -1,0 +1,81 @@
+"""The GPU benchmark scripts run end to end in their CPU `--smoke` mode (interpreted kernels, tiny shapes).
+
+They time nothing here: the point is that a session with a GPU, whose device minutes are few, does not find
+a script broken. Each writes its JSON; the checks read its structure, not its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "LM_SPARSE_CACHE": str(cwd / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_gemv_smoke_with_sweep(tmp_path):
+    out = tmp_path / "gemv.json"
+    _run("bench_gemv.py", "--smoke", "--sweep", "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert "interpreter" in result["meta"]["device"]
+    rows = result["rows"]
+    assert {r["batch"] for r in rows} >= {1, 2} and {r["sparsity"] for r in rows} >= {0.0, 0.5, 0.9}
+
+
+def test_bench_decode_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    _run("bench_decode.py", "--smoke", "--levels", "0.5", "--repeats", "1", "--out", str(out), cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.5)]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_prefill_mask_smoke(tmp_path):
+    out = tmp_path / "prefill.json"
+    _run("bench_prefill_mask.py", "--smoke", "--repeats", "1", "--out", str(out), cwd=tmp_path)
+    assert json.loads(out.read_text())["rows"]
+
+
+def test_lm_eval_kernel_check_smoke(tmp_path):
+    proc = _run("lm_eval_kernel_check.py", "--out", str(tmp_path / "check"), "--smoke", "--docs", "3",
+                "--max-gen-toks", "6", cwd=tmp_path)
+    assert "decode tokens" in proc.stdout
+
+
+@pytest.fixture
+def kernel_check():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import lm_eval_kernel_check
+
+        yield lm_eval_kernel_check
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_kernel_check_expects_dense_exactly_where_the_level_leaves_nothing_to_skip(kernel_check):
+    """On a GPU the check passes iff batch-1 steps ran the kernel wherever the TEAL level is >= 5%."""
+    fused = "masked_dense_fused"
+    report = {"calibration": {"levels": {"q": [0.0, 0.6], "down": [0.7, 0.8]}},
+              "execution": {"q": {"prefill": fused, "decode": "sparse_kernel+dense_fallback",
+                                  "decode_dense_layers": [0]},
+                            "down": {"prefill": fused, "decode": "sparse_kernel"}}}
+    assert kernel_check.execution_mismatches(report) == {}
+    report["execution"]["down"]["decode"] = "dense_fallback"
+    assert set(kernel_check.execution_mismatches(report)) == {"down"}
+    report["execution"]["down"] = {"prefill": "masked_dense", "decode": "sparse_kernel"}
+    assert set(kernel_check.execution_mismatches(report)) == {"down"}
