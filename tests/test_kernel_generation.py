@@ -345,8 +345,10 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     assert report["execution"]["down"]["decode"] == "sparse_kernel"
     assert 1 <= counter.frame_count <= 2, f"decode step compiled {counter.frame_count} times"
     compiled_frames = counter.frame_count
+    engine._decode_rows.clear()
     tokens, _ = run(True)  # a second call reuses the compiled step
     assert torch.equal(tokens, eager_tokens) and counter.frame_count == compiled_frames
+    assert engine._decode_rows == {2: True}  # the compiled step replays the row record the report reads
 
 
 def test_attaching_kernels_keeps_one_copy_of_every_weight():
