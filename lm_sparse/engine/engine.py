@@ -50,6 +50,9 @@ class SparsityEngine:
         print(engine.report())
     """
 
+    #: decode steps of more rows are recorded as this many; executors serve at most ROWS_CAP - 1 rows sparse
+    ROWS_CAP = 9
+
     def __init__(self, model: nn.Module, sparse_prefill: str = "all", pad_token_id: int | None = None):
         self.model = model
         self.sites: list[Site] = resolve_sites(model)
@@ -59,12 +62,15 @@ class SparsityEngine:
         self.rules: dict[int, Rule] = {}
         self.decode_executors: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.prefill_maskers: dict[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
-        # Row counts of the decode steps that ran executors, recorded once per step (a constant write, so a
-        # compiled step replays it); with `executor_max_rows` they say which path each site took.
-        self._decode_rows: dict[int, bool] = {}
         #: per site index: the most rows its executor serves with the sparse kernel (more: a dense GEMM)
         self.executor_max_rows: dict[int, int] = {}
         device = next(model.parameters()).device
+        # Row counts of the decode steps that ran executors (capped at ROWS_CAP), which with
+        # `executor_max_rows` say which path each site took. A device tensor written in place, not a Python
+        # dict: a compiled step guards on a dict's contents and would recompile when it changes.
+        self._decode_rows_seen = torch.zeros(self.ROWS_CAP + 1, dtype=torch.bool, device=device)
+        if device.type == "cuda":  # CUDA graphs keep writing to this very tensor
+            torch._dynamo.mark_static_address(self._decode_rows_seen)
         self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
         self.counting = True
         self.deferred = False
@@ -91,6 +97,10 @@ class SparsityEngine:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
         self.set_rules({s.index: CountOnly() for s in self.sites_in_groups("mlp_mid")})
 
+    def decode_rows_seen(self) -> list[int]:
+        """Row counts of the decode steps that ran executors so far (above ROWS_CAP recorded as ROWS_CAP)."""
+        return self._decode_rows_seen.nonzero().flatten().tolist()
+
     def set_decode_executor(self, site_index: int, fn: Callable, max_rows: int | None = None) -> None:
         """Let `fn(x)` compute the site's output (bias included) in decode steps instead of masked dense.
 
@@ -98,6 +108,8 @@ class SparsityEngine:
         `max_rows`: the most decode rows `fn` serves with a sparse kernel (it runs a dense GEMM above), so
         the report can say which path ran; None: every step is the sparse kernel.
         """
+        if max_rows is not None and not 0 <= max_rows < self.ROWS_CAP:
+            raise ValueError(f"max_rows must be in [0, {self.ROWS_CAP - 1}], got {max_rows}")
         self.decode_executors[site_index] = fn
         if max_rows is None:
             self.executor_max_rows.pop(site_index, None)
@@ -123,7 +135,7 @@ class SparsityEngine:
         seq_len = ref.shape[1] if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else 1
         self._phase = DECODE if (past_len > 0 and seq_len == 1) else PREFILL
         if self._phase == DECODE and self.decode_executors and isinstance(ref, torch.Tensor):
-            self._decode_rows[int(ref.shape[0])] = True  # one token per row: every executor sees these rows
+            self._decode_rows_seen[min(int(ref.shape[0]), self.ROWS_CAP)] = True  # one token per row
         valid = None
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(ref, torch.Tensor):
@@ -264,7 +276,7 @@ class SparsityEngine:
         """
         out: dict[str, dict[str, Any]] = {}
         decode_paths: dict[str, set[str]] = {}
-        rows_seen = list(self._decode_rows) or [1]  # before any decode step: the path one row would take
+        rows_seen = self.decode_rows_seen() or [1]  # before any decode step: the path one row would take
         for site in self.sites:
             if site.index not in self.rules:
                 continue

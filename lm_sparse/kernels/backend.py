@@ -58,9 +58,14 @@ def make_input_major(module: nn.Linear) -> torch.Tensor:
     return wt
 
 
-def _threshold_for(threshold: float | torch.Tensor):
-    """t rounded to x's dtype, on x's device, computed once per (device, dtype)."""
-    cache: dict[tuple, torch.Tensor] = {}
+def _threshold_for(threshold: float | torch.Tensor, weight: torch.Tensor):
+    """t rounded to x's dtype, on x's device, computed once per (device, dtype).
+
+    The weight's (device, dtype), the one decode steps run in, is filled in now: a compiled step that filled
+    it on its first call would fail its own guard on the dict and compile a second time.
+    """
+    cache: dict[tuple, torch.Tensor] = {
+        (weight.device, weight.dtype): round_threshold(threshold, weight.dtype, weight.device)}
 
     def get(x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
@@ -112,7 +117,7 @@ def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, wit
     """
     from .sparse_gemv import MAX_SPARSE_BATCH, sparse_linear  # noqa: F401  (registers the torch.ops.lm_sparse ops)
 
-    threshold_of = _threshold_for(threshold)
+    threshold_of = _threshold_for(threshold, module.weight)
     limit = MAX_SPARSE_BATCH if max_rows is None else int(max_rows)
 
     def execute(x: torch.Tensor):
@@ -157,8 +162,9 @@ def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | tor
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach() if b is not None else wt.new_zeros(n) for b, n in zip(biases, sizes)])
-    threshold_of = _threshold_for(threshold)
-    state: dict = {"x": None, "outs": None, "served": 0}
+    threshold_of = _threshold_for(threshold, wt)
+    # Every key present from the start: a compiled step guards on the dict's length.
+    state: dict = {"x": None, "outs": None, "zeros": None, "served": 0}
 
     def executor(i: int):
         def execute(x: torch.Tensor):
@@ -177,11 +183,14 @@ def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | tor
     return [executor(i) for i in range(len(modules))]
 
 
-def make_prefill_masker(threshold: float | torch.Tensor):
-    """fn(x) -> (x with |x| <= t zeroed, zero entries per row): the fused one-pass `threshold_mask_counted`."""
+def make_prefill_masker(threshold: float | torch.Tensor, weight: torch.Tensor):
+    """fn(x) -> (x with |x| <= t zeroed, zero entries per row): the fused one-pass `threshold_mask_counted`.
+
+    `weight`: the site's weight, whose device and dtype x normally has.
+    """
     from .threshold_mask import threshold_mask_counted  # noqa: F401  (registers the op)
 
-    threshold_of = _threshold_for(threshold)
+    threshold_of = _threshold_for(threshold, weight)
 
     def mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.lm_sparse.threshold_mask_counted(x, threshold_of(x))
@@ -202,7 +211,7 @@ def attach_prefill_masks(engine, allow_interpreter: bool = False) -> list[int]:
     for site in engine.sites:
         rule = engine.rules.get(site.index)
         if isinstance(rule, Threshold):
-            engine.set_prefill_masker(site.index, make_prefill_masker(rule.threshold))
+            engine.set_prefill_masker(site.index, make_prefill_masker(rule.threshold, site.module.weight))
             attached.append(site.index)
     return attached
 
