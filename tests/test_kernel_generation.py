@@ -349,6 +349,12 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     tokens, _ = run(True)  # a second call reuses the compiled step
     assert torch.equal(tokens, eager_tokens) and counter.frame_count == compiled_frames
     assert engine.decode_rows_seen() == [2]  # the compiled step records its rows for the report
+    # Another prompt length in the same cache-length bucket: the same compiled step.
+    ids, mask = _prompts(2, 11, seed=5)
+    with engine.attached():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(generate_static(model, ids, mask, 6, None, 0, None, compile=True), expected)
+    assert counter.frame_count == compiled_frames
 
 
 def test_attaching_kernels_keeps_one_copy_of_every_weight():
