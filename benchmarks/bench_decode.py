@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
 from lm_sparse.engine.rules import Threshold  # noqa: E402
 from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
-from lm_sparse.kernels.decode import generate_static  # noqa: E402
+from lm_sparse.kernels.decode import forget_compiled_step, generate_static  # noqa: E402
 
 from bench_common import environment, median_seconds, write_results  # noqa: E402
 
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.set_rules({i: Threshold(t) for i, t in thresholds[level].items()})
         engine.decode_executors.clear()
         attach_decode_kernels(engine, required=True, allow_interpreter=args.smoke)
+        forget_compiled_step(model)  # each level compiles its own step (no recompile limit to run into)
         with engine.attached(), engine.paused():
             tps = decode_tokens_per_s(model, prompt, new_tokens, repeats)
         rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,

@@ -337,8 +337,7 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     attach_decode_kernels(engine, required=True)
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend_name)
     monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": True, "dynamic": False})
-    decode._STATE.pop(model, None)
-    torch._dynamo.reset()
+    decode.forget_compiled_step(model)
     tokens, report = run(True)
     assert torch.equal(tokens, eager_tokens)
     assert report["phases"] == eager_report["phases"]
@@ -378,3 +377,20 @@ def test_attaching_kernels_keeps_one_copy_of_every_weight():
     assert all(ref() is None for ref in old)  # the engine, the executors and the model hold only the new views
     assert stored_bytes() <= 1.05 * dense_bytes
     assert stored_bytes() == dense_bytes  # the fused layout is a re-arrangement, not a copy
+
+
+def test_compiled_step_keeps_compiling_past_dynamos_default_limit(monkeypatch):
+    """Ten batch sizes are ten compiled variants (dynamo alone stops at 8 and runs the rest eagerly)."""
+    import torch._dynamo.testing
+
+    from lm_sparse.kernels import decode
+
+    model = _model()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": True, "dynamic": False})
+    decode.forget_compiled_step(model)
+    for batch in range(1, 11):
+        ids, mask = _prompts(batch, 4 + 2 * batch)
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert torch.equal(generate_static(model, ids, mask, 2, None, 0, None, compile=True), expected)
+    assert counter.frame_count == 10

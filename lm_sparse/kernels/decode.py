@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -40,6 +41,27 @@ CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, to bou
 # torch.compile options of the decode step (CUDA graphs through "reduce-overhead"); the tests swap in a
 # counting backend with fullgraph=True to prove the engine's hooks and the kernel ops trace without a break.
 COMPILE_OPTIONS: dict = {"mode": "reduce-overhead", "dynamic": False}
+# Every (batch size, cache-length bucket) is one compiled variant of the step; an lm-eval run meets a handful
+# per task. Past dynamo's default limit of 8 the step would silently run eagerly, so decoding raises it.
+RECOMPILE_LIMIT = 64
+
+
+def _recompile_limit() -> object:
+    """A context that lets the decode step keep RECOMPILE_LIMIT compiled variants (torch >= 2.4 names)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(int(getattr(config, name)), RECOMPILE_LIMIT)})
+
+
+def forget_compiled_step(model: nn.Module) -> None:
+    """Drop the model's compiled decode step and static cache: the next call compiles afresh.
+
+    For callers that swap the engine's rules or executors between runs (benchmarks of several levels):
+    every swap is a recompilation of the same step, and past torch._dynamo's recompile limit (8) dynamo
+    would silently run the step eagerly.
+    """
+    _STATE.pop(model, None)
+    torch._dynamo.reset()
 
 
 def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device) -> tuple[StaticCache, int]:
@@ -113,15 +135,16 @@ def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     logits = prefill_logits
     length = prompt_len
-    while True:
-        next_tokens = torch.where(unfinished, logits.argmax(-1), pad_token_id).to(ids.dtype)
-        ids[:, length] = next_tokens
-        length += 1
-        done = torch.isin(next_tokens, eos) if len(eos_ids) else torch.zeros_like(unfinished)
-        if len(criteria):
-            done = done | criteria(ids[:, :length], logits)
-        unfinished = unfinished & ~done
-        if length >= total or not bool(unfinished.any()):
-            break
-        logits = step(next_tokens[:, None], positions[:, length - 1:length], mask, cache)
+    with _recompile_limit() if compile else nullcontext():
+        while True:
+            next_tokens = torch.where(unfinished, logits.argmax(-1), pad_token_id).to(ids.dtype)
+            ids[:, length] = next_tokens
+            length += 1
+            done = torch.isin(next_tokens, eos) if len(eos_ids) else torch.zeros_like(unfinished)
+            if len(criteria):
+                done = done | criteria(ids[:, :length], logits)
+            unfinished = unfinished & ~done
+            if length >= total or not bool(unfinished.any()):
+                break
+            logits = step(next_tokens[:, None], positions[:, length - 1:length], mask, cache)
     return ids[:, :length]
