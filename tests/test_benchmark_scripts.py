@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 
-def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "LM_SPARSE_CACHE": str(cwd / "cache")}
+def _run(script: str, *args: str, cwd: Path, own_cache: bool = True) -> subprocess.CompletedProcess:
+    """Run a benchmark script; `own_cache=False` shares the suite's cache (the converted SmolLM2)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if own_cache:
+        env["LM_SPARSE_CACHE"] = str(cwd / "cache")
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,3 +81,14 @@ def test_kernel_check_expects_dense_exactly_where_the_level_leaves_nothing_to_sk
     assert set(kernel_check.execution_mismatches(report)) == {"down"}
     report["execution"]["down"] = {"prefill": "masked_dense", "decode": "sparse_kernel"}
     assert set(kernel_check.execution_mismatches(report)) == {"down"}
+
+
+def test_bench_union_smoke(tmp_path):
+    """The union measurement on SmolLM2 with the shipped PPL-1% thresholds (the repo's GSM8K excerpt as text)."""
+    out = tmp_path / "union.json"
+    _run("bench_union.py", "--data", str(ROOT / "thresholds" / "calib_gsm8k_excerpt.jsonl"), "--sequences", "4",
+         "--seqlen", "16", "--rows", "1,2", "--methods", "ppl_p=1", "--out", str(out), cwd=tmp_path, own_cache=False)
+    per_b = json.loads(out.read_text())["results"]["ppl_p=1"]
+    one, two = per_b["1"], per_b["2"]
+    assert one["union_sparsity"] == pytest.approx(one["row_sparsity"])  # one row: the union is the row
+    assert 0 <= two["union_sparsity"] <= one["union_sparsity"] and two["sites"] == 30
