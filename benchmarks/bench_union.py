@@ -3,7 +3,7 @@
 A decode step of B rows reads the weight rows of every input active in *any* row. The kernel backend
 (`lm_sparse.kernels.backend.sparse_rows_limit`) estimates that union's sparsity as s^B from the calibrated
 per-row sparsity s, and runs a dense GEMM where the estimate falls below MIN_UNION_SPARSITY. This script
-measures the real union on text: `--sequences` held-out windows of `--seqlen` tokens (the last lines of
+measures the real union on text: `--sequences` windows of `--seqlen` tokens (the last lines of
 `--data`) go through SmolLM2-135M-Instruct with the shipped thresholds applied
 (TEAL teal=0.5 greedy, PPL-1%); at every position, groups of B different windows stand for one decode step
 of B rows. Per B it prints the mean per-row and union sparsity, the s^B estimate, the parameter-weighted
