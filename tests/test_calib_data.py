@@ -79,6 +79,10 @@ def test_hf_spec_and_wikitext_regrouping(monkeypatch):
     texts, ident = load_texts("hf:wikitext/wikitext-2-raw-v1:train")
     assert texts == ["= Title =", "line one \n line two", "other"]
     assert ident["source"] == "hf:wikitext/wikitext-2-raw-v1:train"
+    # One document per row and no blank separator rows (TinyStories-like): the rows stay documents.
+    rows = {"text": ["Story one ends.", "Story two starts.", "Story three."]}
+    texts, _ = load_texts("hf:owner/stories:train")
+    assert texts == rows["text"]
 
 
 def test_windows_disjoint_shuffled_and_seeded(tiny_tokenizer):

@@ -114,8 +114,10 @@ def _load_hf(spec: str, default: bool) -> list[str]:
         name = "calib_data (default " + spec + ")" if default else f"calib_data={spec!r}"
         raise SparsityArgumentError(f"sparse-hf: cannot load {name}: {why}{hint}") from None
     texts = [_jsonl_text(row) for row in ds]
-    # wikitext keeps one line per row: regroup consecutive non-empty rows into documents
-    if texts and all(isinstance(row, dict) and set(row) == {"text"} for row in ds.select(range(min(8, len(ds))))):
+    # wikitext keeps one line per row, documents separated by blank rows: regroup consecutive non-empty rows
+    # into documents. A text-only dataset without blank rows holds one document per row: keep it as is.
+    text_only = all(isinstance(row, dict) and set(row) == {"text"} for row in ds.select(range(min(8, len(ds)))))
+    if texts and text_only and any(not t.strip() for t in texts):
         docs, current = [], []
         for t in texts:
             if t.strip():
