@@ -28,9 +28,9 @@ DEFAULT_SPARSE = "ppl_p=1"
 SMOKE_TASKS = "lmsparse_smoke"
 
 
-def choose_levels(sparse: str, calib_data: str | None) -> list[Level]:
+def choose_levels(sparse: str, calib_data: str | None, device: str = "cpu") -> list[Level]:
     """dense and the demo's sparse level; for ppl_p, the calibration text and size that the shipped
-    SmolLM2 thresholds were made with, so the cache finds them by key (no calibration), unless
+    SmolLM2 thresholds were made with, so the cache finds them by key on CPU (no calibration), unless
     `calib_data` asks for another text (then it calibrates once and caches)."""
     levels = parse_levels([sparse])  # validates RULE=VALUE: one error line otherwise
     dense, level = levels[0], levels[-1]
@@ -43,8 +43,14 @@ def choose_levels(sparse: str, calib_data: str | None) -> list[Level]:
     from .calibrate.data import shipped_excerpt_path
 
     excerpt = shipped_excerpt_path()
-    print(f"        PPL-{value}% on the shipped calibration excerpt {excerpt.name} (4096 tokens): "
-          "the shipped thresholds for p = 1, 5, 10 match it", flush=True)
+    from .calibrate.pplp import default_cett_tokens
+
+    # The key holds the CETT token count, whose default depends on the device; the shipped files are CPU's.
+    shipped = default_cett_tokens(device, 4096) == default_cett_tokens("cpu", 4096)
+    match = ("the shipped thresholds for p = 1, 5, 10 match it" if shipped else
+             f"the shipped thresholds were made on CPU, so on {device} it calibrates once (cached after)")
+    print(f"        PPL-{value}% on the shipped calibration excerpt {excerpt.name} (4096 tokens): {match}",
+          flush=True)
     return [dense, Level(level.label, {**level.args, "calib_data": str(excerpt), "calib_tokens": 4096})]
 
 
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"        {model_dir}", flush=True)
     print(f"[setup] sparse level: {args.sparse}", flush=True)
     try:
-        levels = choose_levels(args.sparse, args.calib_data)
+        levels = choose_levels(args.sparse, args.calib_data, args.device)
         batch_size: int | str = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
         run_sweep("sparse-hf", "pretrained=smollm2", levels, [SMOKE_TASKS], out / "runs", use_cache=True,
                   eval_kwargs={"batch_size": batch_size, "device": args.device, "limit": args.limit,

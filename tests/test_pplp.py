@@ -192,3 +192,13 @@ def test_shipped_smollm2_files_are_found_by_key(smollm2_dir, tmp_path, monkeypat
     rules, info = build_pplp_rules(engine, config, tokenizer=None, lm=lm)
     assert not info["calibrated_now"] and Path(info["file"]) == shipped
     assert len(rules) == 30 and 0.99 < info["heldout_ppl_ratio"] < 1 + 2 * p / 100
+
+
+def test_demo_says_whether_the_shipped_files_match_on_its_device(capsys):
+    """The shipped keys hold CPU's CETT token count: the demo does not promise a cache hit on CUDA."""
+    from lm_sparse.demo import choose_levels
+
+    for device, says in (("cpu", "match it"), ("cuda", "on cuda it calibrates once")):
+        levels = choose_levels("ppl_p=1", None, device)
+        assert levels[-1].args["calib_tokens"] == 4096
+        assert says in capsys.readouterr().out
