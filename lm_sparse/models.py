@@ -61,15 +61,17 @@ def _fix_metadata_order(path: Path) -> None:
 
     with open(path, "r+b") as f:
         (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        raw = f.read(size)
+        header = json.loads(raw)
         meta = header.get("__metadata__") or {}
         header["__metadata__"] = {**{k: meta[k] for k in sorted(meta) if k != "format"},
                                   **({"format": meta["format"]} if "format" in meta else {})}
         text = json.dumps(header, separators=(",", ":")).encode()
-        if len(text) > size:  # never the case for a reordering; keep the file as it is
+        text += b" " * (size - len(text))  # safetensors pads headers with spaces
+        if len(text) != size or text == raw:  # longer: never for a reordering; equal: already in order
             return
         f.seek(8)
-        f.write(text + b" " * (size - len(text)))  # safetensors pads headers with spaces
+        f.write(text)
 
 
 def smollm2_dir() -> Path:
@@ -82,6 +84,8 @@ def smollm2_dir() -> Path:
     digest = _file_digest(gguf)[:16]
     target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{digest}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        # A conversion by an older lm-sparse may still have the random order: normalise it in place.
+        _fix_metadata_order(target / "model.safetensors")
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

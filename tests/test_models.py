@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 from safetensors.torch import save_file
@@ -24,3 +25,27 @@ def test_metadata_order_no_longer_changes_the_file(tmp_path):
     with safe_open(str(tmp_path / "m0.safetensors"), "pt") as f:
         assert f.metadata() == {"x.weight": "a", "format": "pt"}
         assert torch.equal(f.get_tensor("a"), torch.arange(6.0))
+
+
+def test_an_older_conversion_is_normalised_when_found(tmp_path, monkeypatch):
+    """A cached conversion written in the random order (older lm-sparse) is put in order, not left to miss."""
+    from lm_sparse import models
+
+    monkeypatch.setenv("LM_SPARSE_CACHE", str(tmp_path))
+    target = tmp_path / "models" / f"SmolLM2-135M-Instruct-{models._file_digest(models.smollm2_gguf())[:16]}"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    ordered = tmp_path / "ordered.safetensors"
+    save_file({"a": torch.arange(6.0)}, str(ordered), metadata={"x.weight": "a", "format": "pt"})
+    _fix_metadata_order(ordered)
+    # The same file with "format" first, as safetensors' random order may write it (made by hand: certain).
+    data = ordered.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = {"format": "pt", "x.weight": "a"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    weights = target / "model.safetensors"
+    weights.write_bytes(data[:8] + text + b" " * (size - len(text)) + data[8 + size:])
+    assert weights.read_bytes() != data
+    assert models.smollm2_dir() == target
+    assert weights.read_bytes() == data
