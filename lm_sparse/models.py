@@ -42,7 +42,13 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+def env_flag_set(*names: str) -> bool:
+    """True when any of the environment variables is set to 1/true/yes (e.g. HF_HUB_OFFLINE)."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in names)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -81,7 +87,7 @@ def smollm2_dir() -> Path:
     The conversion is written to a temporary directory and renamed into place (atomic).
     """
     gguf = smollm2_gguf()
-    digest = _file_digest(gguf)[:16]
+    digest = file_sha256(gguf)[:16]
     target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{digest}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         # A conversion by an older lm-sparse may still have the random order: normalise it in place.

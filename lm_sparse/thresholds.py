@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .config import SparsityArgumentError
-from .models import cache_root
+from .models import cache_root, env_flag_set, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,11 @@ def _hash_parameters(model: torch.nn.Module) -> tuple[str, str]:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     sampled = total > FULL_HASH_LIMIT
     for name, p in model.state_dict().items():
-        t = p.detach().reshape(-1).cpu()
+        t = p.detach().reshape(-1)
         h.update(f"{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
-        if sampled and t.numel() > 2 * 65536:
+        if sampled and t.numel() > 2 * 65536:  # sample on the device: only the sample goes to the host
             t = torch.cat([t[:65536], t[-65536:]])
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest(), ("names+shapes+first/last 64k values" if sampled else "full")
 
 
@@ -90,7 +90,7 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
         return Path(snapshot).name
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if env_flag_set("HF_HUB_OFFLINE"):
         return None
     try:
         from huggingface_hub import HfApi
@@ -183,14 +183,6 @@ def file_stem(method: str, key: str) -> str:
     return f"{method}-{key[:16]}"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * _MIB):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tensors_path(json_path: Path) -> Path:
     return Path(json_path).with_suffix(".safetensors")
 
@@ -225,7 +217,7 @@ def write_thresholds(json_path: str | Path, fields: dict, results: dict,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fields": fields,
         "results": results,
-        "tensors": {"file": st_path.name, "sha256": _sha256_file(st_path), "names": sorted(clean)},
+        "tensors": {"file": st_path.name, "sha256": file_sha256(st_path), "names": sorted(clean)},
     }
     text = json.dumps(payload, indent=1, default=str) + "\n"
 
@@ -259,7 +251,7 @@ def read_thresholds(json_path: str | Path) -> tuple[dict, dict[str, torch.Tensor
     st_path = json_path.parent / str(tensors_info.get("file", ""))
     if not st_path.is_file():
         raise ThresholdsFileError(f"{json_path}: tensors file {st_path.name} is missing")
-    if _sha256_file(st_path) != tensors_info.get("sha256"):
+    if file_sha256(st_path) != tensors_info.get("sha256"):
         raise ThresholdsFileError(f"{json_path}: tensors file {st_path.name} fails its sha256 check")
     try:
         tensors = load_file(str(st_path))

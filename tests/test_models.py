@@ -32,7 +32,7 @@ def test_an_older_conversion_is_normalised_when_found(tmp_path, monkeypatch):
     from lm_sparse import models
 
     monkeypatch.setenv("LM_SPARSE_CACHE", str(tmp_path))
-    target = tmp_path / "models" / f"SmolLM2-135M-Instruct-{models._file_digest(models.smollm2_gguf())[:16]}"
+    target = tmp_path / "models" / f"SmolLM2-135M-Instruct-{models.file_sha256(models.smollm2_gguf())[:16]}"
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     ordered = tmp_path / "ordered.safetensors"

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import SparsityArgumentError
+from ..models import env_flag_set
 
 DEFAULT_SEQLEN = 512
 DEFAULT_DATASET = "hf:wikitext/wikitext-2-raw-v1:train"
@@ -101,8 +101,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
 
 def _load_hf(spec: str, default: bool) -> list[str]:
     dataset, config, split = parse_hf_spec(spec)
-    offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes") or \
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = env_flag_set("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
     hint = "; pass a local .txt/.jsonl file with calib_data=PATH" if default else ""
     try:
         from datasets import load_dataset
