@@ -306,3 +306,24 @@ def test_fatrelu_model_is_relu_family_and_counts_natural_zeros():
     report = engine.report()
     assert report["activation"] == "fatrelu"
     assert report["zeros"] == expected > relu_zeros  # the threshold adds zeros beyond plain ReLU
+
+
+def test_peft_style_wrapper_resolves_to_the_same_layers_and_sites():
+    """PEFT's PeftModel -> base_model (LoraModel) -> model (transformers): sites and TEAL's layers look through it."""
+    from lm_sparse.engine.arch import decoder_layers
+
+    model = make_tiny_model("llama")
+
+    class LoraModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+    class PeftModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = LoraModel(inner)
+
+    wrapped = PeftModel(model)
+    assert decoder_layers(wrapped) is model.model.layers
+    assert [(s.path, s.module) for s in resolve_sites(wrapped)] == [(s.path, s.module) for s in resolve_sites(model)]

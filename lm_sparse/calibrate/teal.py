@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import SparsityArgumentError, SparsityConfig
-from ..engine.arch import ARCHITECTURES, Site
+from ..engine.arch import Site, decoder_layers
 from ..engine.engine import SparsityEngine
 from ..engine.rules import Rule, Threshold
 from .data import DEFAULT_SEQLEN, calibration_batches, load_texts
@@ -81,19 +81,6 @@ def histogram_quantile(counts: torch.Tensor, abs_max: float, level: float) -> fl
 
 
 # -- model structure ----------------------------------------------------------------------------------------
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's ModuleList of decoder layers (path from the architecture table)."""
-    spec = ARCHITECTURES[model.config.model_type]
-    for path in spec.layers:
-        try:
-            found = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(found, nn.ModuleList):
-            return found
-    raise RuntimeError(f"lm-sparse: no decoder layers at {' or '.join(spec.layers)}")
-
-
 def layer_sites(sites: list[Site]) -> list[list[Site]]:
     """Sites grouped by layer, in data-flow order within each layer."""
     num_layers = 1 + max(s.layer for s in sites)

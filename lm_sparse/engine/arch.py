@@ -130,21 +130,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_sites(model: nn.Module) -> list[Site]:
-    """Find every site of the table in `model`; raise if the table's paths do not resolve."""
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's ModuleList of decoder layers (PEFT wrappers looked through); raise if the table's paths miss."""
     model = _unwrap(model)
-    config = model.config
-    spec = check_model_type(getattr(config, "model_type", None))
-    layers = None
+    spec = check_model_type(getattr(model.config, "model_type", None))
     for path in spec.layers:
         found = _get_submodule(model, path)
         if isinstance(found, nn.ModuleList):
-            layers = found
-            break
-    if layers is None:
-        raise UnsupportedArchitectureError(
-            f"sparse-hf: no decoder layers at {' or '.join(spec.layers)} in {type(model).__name__}"
-        )
+            return found
+    raise UnsupportedArchitectureError(
+        f"sparse-hf: no decoder layers at {' or '.join(spec.layers)} in {type(model).__name__}"
+    )
+
+
+def resolve_sites(model: nn.Module) -> list[Site]:
+    """Find every site of the table in `model`; raise if the table's paths do not resolve."""
+    layers = decoder_layers(model)
+    model = _unwrap(model)
+    config = model.config
+    spec = check_model_type(getattr(config, "model_type", None))
     sites: list[Site] = []
     for layer_idx, layer in enumerate(layers):
         for name, sub in spec.sites.items():
