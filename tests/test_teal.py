@@ -200,21 +200,39 @@ def test_build_rules_cache_and_heldout_sparsity(name, cache, text_file, tokenize
     assert report["weights_skipped"] == pytest.approx(0.4, abs=0.02)
 
 
-def test_uniform_only_calibration_stores_histograms(cache, text_file, tokenizer):
+def _count_calls(monkeypatch, module, name: str) -> dict:
+    calls = {"n": 0}
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_uniform_only_calibration_stores_histograms(cache, text_file, tokenizer, monkeypatch):
+    import lm_sparse.thresholds as thresholds
+
     model = make_tiny_model("llama")
     engine = SparsityEngine(model)
+    hashes = _count_calls(monkeypatch, thresholds, "model_identity")
     _, info = T.build_teal_rules(engine, _config(text_file, 0.3, teal_mode="uniform"), tokenizer, None)
     assert info["calibrated_now"] and info["params"]["greedy"] is False
+    assert hashes["n"] == 1  # the greedy probe and the uniform calibration share one hash of the weights
     with pytest.raises(SparsityArgumentError, match="no greedy lookup"):
         T.build_teal_rules(engine, _config(text_file, 0.3, thresholds=info["file"]), tokenizer, None)
 
 
-def test_ppl_p_with_method_teal_picks_largest_level_within_budget(cache, text_file, tokenizer):
+def test_ppl_p_with_method_teal_picks_largest_level_within_budget(cache, text_file, tokenizer, monkeypatch):
     model = make_tiny_model("llama")
     engine = SparsityEngine(model)
     # a random tiny model barely reacts to sparsity: a budget of 0.02% makes the search stop inside the grid
     config = _config(text_file, 0.02, method="teal")
+    reads = _count_calls(monkeypatch, T, "load_texts")
     _, info = T.build_teal_rules(engine, config, tokenizer, None)
+    assert reads["n"] == 1  # one read of the text keys the calibration and cuts the search's windows
     probes = info["ppl_search"][1:]
     level = info["level"]
     assert 0.0 < level < 0.9 and len(probes) <= 8

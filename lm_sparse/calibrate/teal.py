@@ -360,16 +360,13 @@ def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tens
 
 
 # -- entry points ----------------------------------------------------------------------------------------------
-def _cache_fields(model: nn.Module, lm: Any, settings: TealSettings, data_identity: dict, tokens: int,
-                  seqlen: int, seed: int) -> dict:
-    from ..thresholds import CacheKey, model_identity
+def _model_identity(model: nn.Module, lm: Any) -> dict:
+    from ..thresholds import model_identity
 
     pretrained = getattr(lm, "pretrained", None)
     if pretrained is None:  # same fallback as PPL-p%, so both methods key a model the same way
         pretrained = getattr(model.config, "_name_or_path", None) or None
-    identity = model_identity(model, pretrained, getattr(lm, "revision", None))
-    return CacheKey(model=identity, method="teal", params=asdict(settings), data=data_identity,
-                    calib_tokens=tokens, seqlen=seqlen, seed=seed).fields()
+    return model_identity(model, pretrained, getattr(lm, "revision", None))
 
 
 class _NotCached(Exception):
@@ -380,25 +377,29 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
               calib_tokens: int | None, calib_seqlen: int | None, calib_seed: int, greedy: bool,
               thresholds_path: str | None = None, recalibrate: bool = False, lm: Any = None,
               greedy_tokens: int | None = None, greedy_steps: int | None = None,
-              greedy_seqlen: int | None = None) -> tuple[TealLookup, dict[str, Any], str, bool]:
+              greedy_seqlen: int | None = None,
+              loaded: tuple[list[str], dict] | None = None) -> tuple[TealLookup, dict[str, Any], str, bool]:
     """Load (or calibrate and store) the TEAL file; return (lookup, payload, file path, calibrated now).
 
     Uniform mode reuses a greedy file of the same settings when one exists, else stores histograms only.
-    With `thresholds_path` the file is loaded as given (no calibration text is read).
+    With `thresholds_path` the file is loaded as given (no calibration text is read). `loaded`: what
+    `load_texts(calib_data)` returned, when the caller has read the text already.
     """
-    from ..thresholds import load_or_compute
+    from ..thresholds import CacheKey, load_or_compute
 
     tokens = calib_tokens or CALIB_TOKENS[_device_kind(model)]
     seqlen = calib_seqlen or DEFAULT_SEQLEN
     if thresholds_path is None:
-        texts, data_identity = load_texts(calib_data)
+        texts, data_identity = loaded if loaded is not None else load_texts(calib_data)
     else:
         texts, data_identity = [], {"source": calib_data, "sha256": None}
+    identity = _model_identity(model, lm)  # hashed once, whatever the number of attempts
     ran = {"now": False}
 
     def attempt(with_greedy: bool, probe_only: bool):
         settings = default_settings(model, with_greedy, greedy_tokens, greedy_steps, greedy_seqlen)
-        fields = _cache_fields(model, lm, settings, data_identity, tokens, seqlen, calib_seed)
+        fields = CacheKey(model=identity, method="teal", params=asdict(settings), data=data_identity,
+                          calib_tokens=tokens, seqlen=seqlen, seed=calib_seed).fields()
 
         def compute():
             if probe_only:
@@ -424,12 +425,17 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
     return lookup, payload, path, ran["now"]
 
 
-def _ppl_windows(tokenizer: Any, config: SparsityConfig, payload: dict, model: nn.Module) -> torch.Tensor:
-    """Calibration windows for the ppl_p level search (the same text and seed as the calibration)."""
+def _ppl_windows(tokenizer: Any, config: SparsityConfig, payload: dict, model: nn.Module,
+                 texts: list[str] | None) -> torch.Tensor:
+    """Calibration windows for the ppl_p level search (the same text and seed as the calibration).
+
+    `texts`: the calibration text when already read (None: read `calib_data` here).
+    """
     fields = payload["fields"]
     if config.calib_data is None and config.thresholds is not None:
         raise SparsityArgumentError("sparse-hf: ppl_p=P,method=teal with thresholds=FILE also needs calib_data=")
-    texts, _ = load_texts(config.calib_data)
+    if texts is None:
+        texts, _ = load_texts(config.calib_data)
     seqlen = int(fields.get("seqlen") or DEFAULT_SEQLEN)
     tokens = PPL_TOKENS[_device_kind(model)]
     windows, _ = calibration_batches(tokenizer, texts, max(tokens, seqlen), seqlen, int(fields.get("seed") or 0))
@@ -442,11 +448,13 @@ def build_teal_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
     model = engine.model
     extra = config.extra or {}
     start = time.perf_counter()
+    # Read the text once: it keys the calibration and, for ppl_p=P, cuts the level search's windows.
+    loaded = load_texts(config.calib_data) if config.thresholds is None else None
     lookup, payload, path, ran = load_teal(
         model, engine.sites, tokenizer, calib_data=config.calib_data, calib_tokens=config.calib_tokens,
         calib_seqlen=config.calib_seqlen, calib_seed=config.calib_seed, greedy=config.teal_mode == "greedy",
         thresholds_path=config.thresholds, recalibrate=config.recalibrate, lm=lm,
-        greedy_tokens=extra.get("teal_greedy_tokens"), greedy_steps=extra.get("teal_greedy_steps"))
+        greedy_tokens=extra.get("teal_greedy_tokens"), greedy_steps=extra.get("teal_greedy_steps"), loaded=loaded)
     fields = payload["fields"]
     info: dict[str, Any] = {
         "method": "teal", "teal_mode": config.teal_mode, "file": path, "key": payload.get("key"),
@@ -456,7 +464,7 @@ def build_teal_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
         "sparsity_measure": "parameter-weighted: the report's weights_skipped",
     }
     if config.method == "teal":
-        windows = _ppl_windows(tokenizer, config, payload, model)
+        windows = _ppl_windows(tokenizer, config, payload, model, loaded[0] if loaded is not None else None)
         level, probes = search_level(engine, lookup, windows, float(config.level), config.teal_mode)
         info.update(ppl_p=float(config.level), level=level, ppl_search=probes)
     else:
