@@ -127,8 +127,7 @@ def default_settings(model: nn.Module, greedy: bool, greedy_tokens: int | None =
 
 
 @torch.inference_mode()
-def collect_histograms(model: nn.Module, sites: list[Site], windows: torch.Tensor,
-                       tokens_per_forward: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_histograms(model: nn.Module, sites: list[Site], windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the dense model on `windows` [N, T]; return (|x| histogram counts [L, 4, NUM_BINS], max |x| [L, 4])."""
     device = next(model.parameters()).device
     num_layers = 1 + max(s.layer for s in sites)
@@ -145,7 +144,7 @@ def collect_histograms(model: nn.Module, sites: list[Site], windows: torch.Tenso
 
     for (layer, group), site in group_readers(sites).items():
         handles.append(site.module.register_forward_pre_hook(hook_for(layer, GROUPS.index(group))))
-    per_forward = tokens_per_forward or TOKENS_PER_FORWARD[_device_kind(model)]
+    per_forward = TOKENS_PER_FORWARD[_device_kind(model)]
     batch = max(1, per_forward // windows.shape[1])
     try:
         for start in tqdm(range(0, windows.shape[0], batch), desc="TEAL histograms", unit="batch"):
@@ -201,8 +200,9 @@ class GroupThresholds:
 
 @torch.inference_mode()
 def greedy_lookup(model: nn.Module, sites: list[Site], ids: torch.Tensor, thresholds: GroupThresholds,
-                  steps: int) -> tuple[list[GreedyPath], dict[str, Any]]:
-    """Run the greedy search on every block of `model` on the dense inputs of `ids`; return paths and timings."""
+                  steps: int, stop: float = STOP_LEVEL) -> tuple[list[GreedyPath], dict[str, Any]]:
+    """Run the greedy search on every block of `model` on the dense inputs of `ids` up to effective sparsity
+    `stop`; return paths and timings."""
     layers = decoder_layers(model)
     per_layer = layer_sites(sites)
     captured = capture_block_inputs(model, ids)
@@ -218,7 +218,7 @@ def greedy_lookup(model: nn.Module, sites: list[Site], ids: torch.Tensor, thresh
         start = time.perf_counter()
         with runner.attached():
             num_params = [s.num_params for s in lsites]
-            path = greedy_block(runner, num_params, steps)
+            path = greedy_block(runner, num_params, steps, stop)
             seconds.append(time.perf_counter() - start)
             target = runner.run((0.0,) * len(lsites), memo=False)
             uniform_err.append([uniform_block_error(runner, s, target) for s in REPORT_LEVELS])
@@ -270,7 +270,7 @@ def calibrate_teal(model: nn.Module, sites: list[Site], windows: torch.Tensor,
         pieces = windows[:, : (windows.shape[1] // seqlen) * seqlen].reshape(-1, seqlen)
         ids = pieces[:n_win]
         thresholds = GroupThresholds(counts, abs_max)
-        paths, info = greedy_lookup(model, sites, ids, thresholds, settings.greedy_steps)
+        paths, info = greedy_lookup(model, sites, ids, thresholds, settings.greedy_steps, settings.stop_level)
         tensors.update(_stack_paths(paths))
         per_layer = layer_sites(sites)[0]
         results["greedy"] = {"tokens": int(ids.numel()), "steps": settings.greedy_steps,
@@ -323,16 +323,16 @@ PPL_TOKENS = {"cpu": 2048, "cuda": 32768}
 LEVEL_GRID = 0.01
 
 
-def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tensor, ppl_p: float, mode: str,
-                 ppl_tokens: int | None = None) -> tuple[float, list[dict[str, float]]]:
+def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tensor, ppl_p: float,
+                 mode: str) -> tuple[float, list[dict[str, float]]]:
     """Bisect over TEAL levels (grid 0.01) for the largest one with PPL ratio <= 1 + ppl_p/100.
 
     Assumes the ratio grows with the level (one sparse forward per probe, about 7 probes). The perplexity
-    is measured on the first `ppl_tokens` calibration tokens, with the engine's `sparse_prefill` policy.
+    is measured on `windows` (`_ppl_windows`: PPL_TOKENS calibration tokens), with the engine's
+    `sparse_prefill` policy.
     """
     model = engine.model
-    tokens = ppl_tokens or PPL_TOKENS[_device_kind(model)]
-    ids = windows[: max(1, math.ceil(tokens / windows.shape[1]))]
+    ids = windows
     batch = max(1, TOKENS_PER_FORWARD[_device_kind(model)] // ids.shape[1])
     dense = perplexity(model, ids, batch_size=batch)
     top = 0.99 if mode == "uniform" else float(lookup.greedy_effective[:, -1].min())  # type: ignore[index]

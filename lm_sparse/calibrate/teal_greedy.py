@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..engine.arch import Site
+from ..engine.rules import Threshold
 
 # Data-flow order of the four inputs inside a block: a site's input depends on every earlier group.
 GROUP_ORDER = {"attn_in": 0, "attn_out": 1, "mlp_in": 2, "mlp_mid": 3}
@@ -43,11 +44,6 @@ def effective_sparsity(levels: list[float] | torch.Tensor, num_params: list[int]
     """Parameter-weighted sparsity of a block: the fraction of its weights a sparse kernel skips."""
     total = float(sum(num_params))
     return float(sum(float(s) * p for s, p in zip(levels, num_params)) / total)
-
-
-def _mask(x: torch.Tensor, t: float) -> torch.Tensor:
-    # The same mask as `Threshold`: keep |x| > t.
-    return x.masked_fill(x.abs() <= t, 0)
 
 
 class BlockRunner:
@@ -94,7 +90,7 @@ class BlockRunner:
             out = memo.get(key) if self.use_memo else None
             if out is None:
                 level = self.levels[position]
-                out = dense_forward(_mask(x, self.threshold(position, level)) if level > 0 else x)
+                out = dense_forward(Threshold(self.threshold(position, level))(x) if level > 0 else x)
                 if self.use_memo:
                     memo[key] = out
             return out
