@@ -169,9 +169,6 @@ class CacheKey:
     def fields(self) -> dict:
         return asdict(self)
 
-    def key(self) -> str:
-        return cache_key(self.fields())
-
 
 def cache_key(fields: dict) -> str:
     """sha256 of the canonical JSON of `fields`, without descriptive `source` entries."""
@@ -197,6 +194,21 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def copy_thresholds(src_json: str | Path, dst_json: str | Path) -> None:
+    """Copy a thresholds file and its tensors to `dst_json` atomically (tensors first, JSON last); the JSON
+    names its tensors file, so that name is rewritten. Nothing to do when both paths are the same file."""
+    import shutil
+
+    src_json, dst_json = Path(src_json).resolve(), Path(dst_json).resolve()
+    if src_json == dst_json:
+        return
+    dst_json.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.loads(src_json.read_text(encoding="utf-8"))
+    _atomic_write(tensors_path(dst_json), lambda tmp: shutil.copyfile(tensors_path(src_json), tmp))
+    payload["tensors"]["file"] = tensors_path(dst_json).name
+    _atomic_write(dst_json, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8"))
 
 
 def write_thresholds(json_path: str | Path, fields: dict, results: dict,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -73,29 +72,11 @@ def _print_pplp(info: dict) -> None:
         print(f"| {layer} | {t:.6g} | {active:.4f} |")
 
 
-def _copy_pair(src_json: str, out: str) -> None:
-    """Copy a thresholds file and its tensors to `out` (JSON names its tensors file, so rewrite it)."""
-    import json
-
-    from ..thresholds import tensors_path
-
-    out_json = os.path.abspath(out)
-    if os.path.abspath(src_json) == out_json:
-        return
-    os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
-    payload = json.loads(open(src_json, encoding="utf-8").read())
-    shutil.copyfile(tensors_path(src_json), tensors_path(out_json))
-    payload["tensors"]["file"] = os.path.basename(tensors_path(out_json))
-    tmp = out_json + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, out_json)
-
-
 def run_pplp(args: argparse.Namespace) -> int:
     """Calibrate (or load from the cache) PPL-p% thresholds, print them, write --out."""
     from ..config import parse_sparsity_args
     from ..engine.engine import SparsityEngine
+    from ..thresholds import copy_thresholds
     from .pplp import build_pplp_rules
 
     values = {"ppl_p": args.ppl_p, "calib_seed": args.calib_seed, "recalibrate": args.recalibrate}
@@ -106,8 +87,7 @@ def run_pplp(args: argparse.Namespace) -> int:
     pretrained, model, tokenizer = _load(args)
     context = argparse.Namespace(pretrained=pretrained, revision=args.revision, world_size=1, rank=0)
     _, info = build_pplp_rules(SparsityEngine(model), config, tokenizer, context)
-    _copy_pair(info["file"], args.out)
-    info = dict(info, seqlen=info["seqlen"])
+    copy_thresholds(info["file"], args.out)
     _print_pplp(info)
     print(f"wrote {os.path.abspath(args.out)}")
     return 0

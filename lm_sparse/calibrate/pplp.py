@@ -398,7 +398,6 @@ def build_pplp_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
     pretrained = getattr(lm, "pretrained", None)
     if pretrained is None:
         pretrained = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    fields: dict | None = None
     if config.thresholds is None:
         texts, data_identity = load_texts(config.calib_data)
     else:

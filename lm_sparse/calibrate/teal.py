@@ -488,7 +488,8 @@ def calibrate_cli(args: Any) -> int:
     """
     import argparse
 
-    from .cli import _copy_pair, _load
+    from ..thresholds import copy_thresholds
+    from .cli import _load
 
     mode = getattr(args, "teal_mode", None) or "greedy"
     if mode not in ("greedy", "uniform"):
@@ -504,7 +505,7 @@ def calibrate_cli(args: Any) -> int:
         calib_seqlen=args.calib_seqlen, calib_seed=int(args.calib_seed or 0), greedy=(mode == "greedy"),
         recalibrate=bool(getattr(args, "recalibrate", False)), lm=context,
         greedy_tokens=getattr(args, "teal_greedy_tokens", None), greedy_steps=getattr(args, "teal_greedy_steps", None))
-    _copy_pair(path, args.out)
+    copy_thresholds(path, args.out)
     results = payload.get("results", {})
     print(f"file:           {path} ({'calibrated now' if ran else 'loaded'})")
     print(f"key:            {payload.get('key')}")
