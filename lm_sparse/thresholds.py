@@ -139,6 +139,15 @@ def model_identity(model: torch.nn.Module, pretrained: Any = None, revision: str
     return out
 
 
+def lm_model_identity(model: torch.nn.Module, lm: Any = None) -> dict:
+    """`model_identity` of a model an lm-eval LM loaded (its `pretrained` and `revision`); without one, the
+    name transformers recorded in the model's config. Every method keys a model this same way."""
+    pretrained = getattr(lm, "pretrained", None)
+    if pretrained is None:
+        pretrained = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return model_identity(model, pretrained, getattr(lm, "revision", None))
+
+
 def _strip_sources(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _strip_sources(v) for k, v in value.items() if k != "source"}

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..config import SparsityConfig
 from ..engine.engine import SparsityEngine
 from ..engine.rules import Rule, Threshold
-from ..thresholds import CacheKey, load_or_compute, model_identity
+from ..thresholds import CacheKey, lm_model_identity, load_or_compute
 from .data import DEFAULT_SEQLEN, calibration_batches, default_calib_tokens, load_texts
 from .ppl import windows_nll
 
@@ -373,12 +373,11 @@ def rules_from_tensors(engine: SparsityEngine, tensors: dict[str, torch.Tensor],
     return rules
 
 
-def pplp_cache_fields(model: nn.Module, config: SparsityConfig, data_identity: dict, calib_tokens: int,
-                      seqlen: int, cett_tokens: int, heldout_tokens: int, pretrained: Any = None,
-                      revision: str | None = None) -> dict:
-    """The cache key fields of a PPL-p% calibration."""
+def pplp_cache_fields(model_id: dict, config: SparsityConfig, data_identity: dict, calib_tokens: int,
+                      seqlen: int, cett_tokens: int, heldout_tokens: int) -> dict:
+    """The cache key fields of a PPL-p% calibration (`model_id`: `thresholds.lm_model_identity`)."""
     return CacheKey(
-        model=model_identity(model, pretrained, revision), method="pplp",
+        model=model_id, method="pplp",
         params={"ppl_p": float(config.level), "rel_tolerance": REL_TOLERANCE, "max_iterations": MAX_ITERATIONS,
                 "cett_tokens": cett_tokens, "heldout_tokens": heldout_tokens, "first_cett": FIRST_CETT_GUESS},
         data=data_identity, calib_tokens=calib_tokens, seqlen=seqlen, seed=int(config.calib_seed),
@@ -395,15 +394,12 @@ def build_pplp_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
     calib_tokens = max(seqlen, calib_tokens // seqlen * seqlen)
     heldout_tokens = max(seqlen, calib_tokens // 4 // seqlen * seqlen)
     cett_tokens = default_cett_tokens(device, calib_tokens)
-    pretrained = getattr(lm, "pretrained", None)
-    if pretrained is None:
-        pretrained = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if config.thresholds is None:
         texts, data_identity = load_texts(config.calib_data)
     else:
         texts, data_identity = [], {"source": config.calib_data, "sha256": None}
-    fields = pplp_cache_fields(model, config, data_identity, calib_tokens, seqlen, cett_tokens, heldout_tokens,
-                               pretrained, getattr(lm, "revision", None))
+    fields = pplp_cache_fields(lm_model_identity(model, lm), config, data_identity, calib_tokens, seqlen,
+                               cett_tokens, heldout_tokens)
     computed = {"ran": False}
 
     def compute() -> tuple[dict, dict[str, torch.Tensor]]:

@@ -360,15 +360,6 @@ def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tens
 
 
 # -- entry points ----------------------------------------------------------------------------------------------
-def _model_identity(model: nn.Module, lm: Any) -> dict:
-    from ..thresholds import model_identity
-
-    pretrained = getattr(lm, "pretrained", None)
-    if pretrained is None:  # same fallback as PPL-p%, so both methods key a model the same way
-        pretrained = getattr(model.config, "_name_or_path", None) or None
-    return model_identity(model, pretrained, getattr(lm, "revision", None))
-
-
 class _NotCached(Exception):
     """Raised by a compute() that only probes the cache."""
 
@@ -385,7 +376,7 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
     With `thresholds_path` the file is loaded as given (no calibration text is read). `loaded`: what
     `load_texts(calib_data)` returned, when the caller has read the text already.
     """
-    from ..thresholds import CacheKey, load_or_compute
+    from ..thresholds import CacheKey, lm_model_identity, load_or_compute
 
     tokens = calib_tokens or CALIB_TOKENS[_device_kind(model)]
     seqlen = calib_seqlen or DEFAULT_SEQLEN
@@ -393,7 +384,7 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
         texts, data_identity = loaded if loaded is not None else load_texts(calib_data)
     else:
         texts, data_identity = [], {"source": calib_data, "sha256": None}
-    identity = _model_identity(model, lm)  # hashed once, whatever the number of attempts
+    identity = lm_model_identity(model, lm)  # hashed once, whatever the number of attempts
     ran = {"now": False}
 
     def attempt(with_greedy: bool, probe_only: bool):
