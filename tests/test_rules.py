@@ -68,6 +68,8 @@ def test_valid_arguments_parse():
     teal_pplp = parse_sparsity_args({"ppl_p": 2, "method": "TEAL"})
     assert (teal_pplp.rule, teal_pplp.level, teal_pplp.method) == ("teal", 2.0, "teal")
     assert parse_sparsity_args({"topk": 0.5, "sparse_prefill": "last_half"}).sparse_prefill == "last_half"
+    greedy = parse_sparsity_args({"teal": 0.5, "teal_greedy_steps": "40", "teal_greedy_tokens": 128})
+    assert greedy.extra == {"teal_greedy_steps": 40, "teal_greedy_tokens": 128}
 
 
 BAD_ARGS = [
@@ -81,6 +83,9 @@ BAD_ARGS = [
     ({"topk": 0.5, "sparse_prefill": "half"}, "sparse_prefill"), ({"topk": 0.5, "calib_tokens": 10}, "calib_tokens"),
     ({"ppl_p": 1, "calib_tokens": 0}, "calib_tokens"), ({"ppl_p": 1, "calib_tokens": 2.5}, "calib_tokens"),
     ({"ppl_p": 1, "recalibrate": "maybe"}, "recalibrate"), ({"tpok": 0.5}, "tpok"),
+    ({"ppl_p": "-0.5"}, "ppl_p"),
+    ({"topk": 0.5, "teal_greedy_steps": 40}, "teal_greedy_steps"),
+    ({"teal": 0.5, "teal_greedy_tokens": 0}, "teal_greedy_tokens"),
 ]
 
 
@@ -181,16 +186,3 @@ def test_cli_bad_argument_is_one_error_line(tiny_dir, tmp_path):
         assert len(errors) == 1, stderr[-3000:]
         assert "topk=2" in errors[0] and "(0, 1]" in errors[0]
         assert "Traceback" not in stderr
-
-
-def test_teal_greedy_settings_parse_into_extra():
-    from lm_sparse.config import SparsityArgumentError, parse_sparsity_args
-
-    cfg = parse_sparsity_args({"teal": 0.5, "teal_greedy_steps": "40", "teal_greedy_tokens": 128})
-    assert cfg.extra == {"teal_greedy_steps": 40, "teal_greedy_tokens": 128}
-    import pytest
-
-    with pytest.raises(SparsityArgumentError, match="teal_greedy_steps"):
-        parse_sparsity_args({"topk": 0.5, "teal_greedy_steps": 40})
-    with pytest.raises(SparsityArgumentError, match="teal_greedy_tokens"):
-        parse_sparsity_args({"teal": 0.5, "teal_greedy_tokens": 0})
