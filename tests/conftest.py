@@ -41,6 +41,14 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return save_word_tokenizer(tmp_path_factory.mktemp("tiny_tok"))
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """That tokenizer, loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run a test on one torch thread (stable timings and tolerances on the shared 2-core CPU)."""

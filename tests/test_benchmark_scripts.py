@@ -86,7 +86,9 @@ def test_kernel_check_expects_dense_exactly_where_the_level_leaves_nothing_to_sk
 def test_bench_union_smoke(tmp_path):
     """The union measurement on SmolLM2 with the shipped PPL-1% thresholds (the repo's GSM8K excerpt as text)."""
     out = tmp_path / "union.json"
-    _run("bench_union.py", "--data", str(ROOT / "thresholds" / "calib_gsm8k_excerpt.jsonl"), "--sequences", "4",
+    from lm_sparse.calibrate.data import shipped_excerpt_path
+
+    _run("bench_union.py", "--data", str(shipped_excerpt_path()), "--sequences", "4",
          "--seqlen", "16", "--rows", "1,2", "--methods", "ppl_p=1", "--out", str(out), cwd=tmp_path, own_cache=False)
     per_b = json.loads(out.read_text())["results"]["ppl_p=1"]
     one, two = per_b["1"], per_b["2"]

@@ -12,13 +12,6 @@ from lm_sparse.calibrate.data import (DEFAULT_SEQLEN, calibration_batches, defau
 from lm_sparse.config import SparsityArgumentError
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
 def _words(n: int, start: int = 0) -> str:
     return " ".join(f"w{(start + i) % 125}" for i in range(n))
 
@@ -103,7 +96,7 @@ def test_windows_disjoint_shuffled_and_seeded(tiny_tokenizer):
     assert torch.equal(again, calib)
     other, _ = calibration_batches(tiny_tokenizer, texts, 1000, 50, seed=4)
     assert not torch.equal(other, calib)
-    assert int((stream == 1).sum()) == 40  # EOS between documents
+    assert (torch.cat([calib, held]) == 1).any()  # EOS between documents reaches the windows
 
 
 def test_too_short_text_is_a_clear_error(tiny_tokenizer):

@@ -26,14 +26,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_interpreter_on_cpu(monkeypatch):
+def _one_thread_and_interpreter_on_cpu(monkeypatch, one_thread):
     """One thread; without CUDA, the backend accepts CPU models (the kernels run interpreted)."""
     if DEVICE == "cpu":
         monkeypatch.setattr(backend, "kernel_device_problem", lambda device, allow_interpreter=False: None)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _prompts(batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

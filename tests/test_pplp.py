@@ -13,7 +13,7 @@ from lm_sparse.calibrate.pplp import LayerThresholdSearch, calibrate_pplp, colum
 from lm_sparse.config import parse_sparsity_args
 from lm_sparse.engine.engine import SparsityEngine
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # per test, not for the whole session from import time
 
 
 def cett_reference(acts: torch.Tensor, weight: torch.Tensor, t: float) -> float:

@@ -41,13 +41,6 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-
-
 def _windows(n: int = 16, seqlen: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
@@ -178,10 +171,10 @@ def _heldout_report(engine, rules, windows) -> dict:
 
 
 @pytest.mark.parametrize("name", ["llama", "phi3"])
-def test_build_rules_cache_and_heldout_sparsity(name, cache, text_file, tokenizer):
+def test_build_rules_cache_and_heldout_sparsity(name, cache, text_file, tiny_tokenizer):
     model = make_tiny_model(name)
     engine = SparsityEngine(model, sparse_prefill="all")
-    rules, info = T.build_teal_rules(engine, _config(text_file, 0.5), tokenizer, None)
+    rules, info = T.build_teal_rules(engine, _config(text_file, 0.5), tiny_tokenizer, None)
     assert info["calibrated_now"] and info["sparse_prefill"] == "all" and Path(info["file"]).is_file()
     assert sorted(rules) == [s.index for s in engine.sites]  # every projection, fused ones included
     assert Path(info["file"]).name.startswith("teal-")
@@ -191,10 +184,10 @@ def test_build_rules_cache_and_heldout_sparsity(name, cache, text_file, tokenize
     report = _heldout_report(engine, rules, _windows(8, 64, seed=7))
     assert report["weights_skipped"] == pytest.approx(0.5, abs=0.02)
     # second build: loaded from the cache, same thresholds; uniform mode reuses the greedy file
-    again, info2 = T.build_teal_rules(engine, _config(text_file, 0.5), tokenizer, None)
+    again, info2 = T.build_teal_rules(engine, _config(text_file, 0.5), tiny_tokenizer, None)
     assert not info2["calibrated_now"] and info2["file"] == info["file"]
     assert all(again[i].threshold == rules[i].threshold for i in rules)
-    uniform, info3 = T.build_teal_rules(engine, _config(text_file, 0.4, teal_mode="uniform"), tokenizer, None)
+    uniform, info3 = T.build_teal_rules(engine, _config(text_file, 0.4, teal_mode="uniform"), tiny_tokenizer, None)
     assert info3["file"] == info["file"] and set(sum(info3["levels"].values(), [])) == {0.4}
     report = _heldout_report(engine, uniform, _windows(8, 64, seed=7))
     assert report["weights_skipped"] == pytest.approx(0.4, abs=0.02)
@@ -212,26 +205,26 @@ def _count_calls(monkeypatch, module, name: str) -> dict:
     return calls
 
 
-def test_uniform_only_calibration_stores_histograms(cache, text_file, tokenizer, monkeypatch):
+def test_uniform_only_calibration_stores_histograms(cache, text_file, tiny_tokenizer, monkeypatch):
     import lm_sparse.thresholds as thresholds
 
     model = make_tiny_model("llama")
     engine = SparsityEngine(model)
     hashes = _count_calls(monkeypatch, thresholds, "model_identity")
-    _, info = T.build_teal_rules(engine, _config(text_file, 0.3, teal_mode="uniform"), tokenizer, None)
+    _, info = T.build_teal_rules(engine, _config(text_file, 0.3, teal_mode="uniform"), tiny_tokenizer, None)
     assert info["calibrated_now"] and info["params"]["greedy"] is False
     assert hashes["n"] == 1  # the greedy probe and the uniform calibration share one hash of the weights
     with pytest.raises(SparsityArgumentError, match="no greedy lookup"):
-        T.build_teal_rules(engine, _config(text_file, 0.3, thresholds=info["file"]), tokenizer, None)
+        T.build_teal_rules(engine, _config(text_file, 0.3, thresholds=info["file"]), tiny_tokenizer, None)
 
 
-def test_ppl_p_with_method_teal_picks_largest_level_within_budget(cache, text_file, tokenizer, monkeypatch):
+def test_ppl_p_with_method_teal_picks_largest_level_within_budget(cache, text_file, tiny_tokenizer, monkeypatch):
     model = make_tiny_model("llama")
     engine = SparsityEngine(model)
     # a random tiny model barely reacts to sparsity: a budget of 0.02% makes the search stop inside the grid
     config = _config(text_file, 0.02, method="teal")
     reads = _count_calls(monkeypatch, T, "load_texts")
-    _, info = T.build_teal_rules(engine, config, tokenizer, None)
+    _, info = T.build_teal_rules(engine, config, tiny_tokenizer, None)
     assert reads["n"] == 1  # one read of the text keys the calibration and cuts the search's windows
     probes = info["ppl_search"][1:]
     level = info["level"]
@@ -243,10 +236,10 @@ def test_ppl_p_with_method_teal_picks_largest_level_within_budget(cache, text_fi
     assert min(above, key=lambda p: p["level"])["ppl_ratio"] > budget
 
 
-def test_teal_above_lookup_is_one_clear_error(cache, text_file, tokenizer):
+def test_teal_above_lookup_is_one_clear_error(cache, text_file, tiny_tokenizer):
     engine = SparsityEngine(make_tiny_model("llama"))
     with pytest.raises(SparsityArgumentError, match="teal=0.95"):
-        T.build_teal_rules(engine, _config(text_file, 0.95), tokenizer, None)
+        T.build_teal_rules(engine, _config(text_file, 0.95), tiny_tokenizer, None)
 
 
 def test_calibrate_cli_teal(cache, tmp_path, text_file, tiny_tokenizer_dir, capsys):
