@@ -254,8 +254,7 @@ def test_nearly_dense_union_dispatches_to_dense_per_site():
     engine.set_rules({s.index: Threshold(0.01, expected_sparsity=0.3 if s.layer == 0 else 0.9) for s in downs})
 
     def run(rows: int) -> tuple[torch.Tensor, dict]:
-        engine.counter.reset()
-        engine._decode_rows_seen.zero_()
+        engine.reset()
         with engine.attached():
             out = model.generate(ids[:rows], attention_mask=mask[:rows], max_new_tokens=3, do_sample=False,
                                  pad_token_id=0)
@@ -340,7 +339,7 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     assert report["execution"]["down"]["decode"] == "sparse_kernel"
     assert counter.frame_count == 1, f"decode step compiled {counter.frame_count} times"
     compiled_frames = counter.frame_count
-    engine._decode_rows_seen.zero_()
+    engine.reset()
     tokens, _ = run(True)  # a second call reuses the compiled step
     assert torch.equal(tokens, eager_tokens) and counter.frame_count == compiled_frames
     assert engine.decode_rows_seen() == [2]  # the compiled step records its rows for the report

@@ -97,6 +97,11 @@ class SparsityEngine:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
         self.set_rules({s.index: CountOnly() for s in self.sites_in_groups("mlp_mid")})
 
+    def reset(self) -> None:
+        """Zero the counts and forget the decode steps seen: the next report covers what runs from now on."""
+        self.counter.reset()
+        self._decode_rows_seen.zero_()  # in place: a compiled step keeps writing to this tensor
+
     def decode_rows_seen(self) -> list[int]:
         """Row counts of the decode steps that ran executors so far (above ROWS_CAP recorded as ROWS_CAP)."""
         return self._decode_rows_seen.nonzero().flatten().tolist()
