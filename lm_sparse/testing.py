@@ -60,9 +60,13 @@ def save_word_tokenizer(out: Path) -> Path:
 
 
 def save_tiny_model(name: str, tokenizer_dir: Path, out: Path, seed: int = 0,
-                    dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Save a tiny model plus the word tokenizer into `out`, loadable with pretrained=out."""
-    model = make_tiny_model(name, seed=seed, dtype=dtype, **overrides)
+                    dtype: torch.dtype = torch.float32, model: Any = None, **overrides) -> Path:
+    """Save a tiny model plus the word tokenizer into `out`, loadable with pretrained=out.
+
+    `model`: a tiny model the caller built or changed (else `make_tiny_model(name, ...)` builds one).
+    """
+    if model is None:
+        model = make_tiny_model(name, seed=seed, dtype=dtype, **overrides)
     model.config.pad_token_id = 0
     model.config.eos_token_id = 1
     model.save_pretrained(out)

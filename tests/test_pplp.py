@@ -118,8 +118,8 @@ def test_sparse_hf_calibrates_once_then_loads_cache(tmp_path, monkeypatch, tiny_
     from lm_sparse.lm import SparseHFLM
 
     monkeypatch.setenv("LM_SPARSE_CACHE", str(tmp_path / "cache"))
-    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "model")
-    _responsive_tiny_model("llama").save_pretrained(model_dir)  # same config, weights that react
+    # weights that react, saved with the pad/eos ids and the tokenizer every tiny model gets
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "model", model=_responsive_tiny_model("llama"))
     data = tmp_path / "calib.txt"
     gen = torch.Generator().manual_seed(2)
     data.write_text("\n\n".join(" ".join(f"w{int(i)}" for i in torch.randint(0, 125, (60,), generator=gen))
