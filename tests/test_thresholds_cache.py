@@ -132,11 +132,18 @@ def test_explicit_thresholds_file(cache, tmp_path):
 
 def test_two_concurrent_writers(cache, tmp_path):
     counter = tmp_path / "computed.txt"
+    ready = tmp_path / "ready"
+    ready.mkdir()
     script = textwrap.dedent(f"""
-        import sys, time, torch
+        import os, sys, time, torch
         from lm_sparse import thresholds as th
         import json
         fields = json.loads({json.dumps(json.dumps(_fields()))})
+        # Start together (imports can take longer than the 1.5 s compute): both reach the lock at once.
+        open(os.path.join({str(ready)!r}, str(os.getpid())), "w").close()
+        deadline = time.time() + 60
+        while len(os.listdir({str(ready)!r})) < 2 and time.time() < deadline:
+            time.sleep(0.01)
         def compute():
             with open({str(counter)!r}, "a") as f:
                 f.write("x")
