@@ -28,7 +28,7 @@ from lm_sparse.kernels.sparse_gemv import (  # noqa: E402
     sparse_linear,
     sparse_linear_counted,
 )
-from lm_sparse.kernels.threshold_mask import threshold_mask, threshold_mask_counted  # noqa: E402
+from lm_sparse.kernels.threshold_mask import threshold_mask_counted  # noqa: E402
 from lm_sparse.kernels.reference import masked_input, round_threshold, sparse_linear_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,7 +113,7 @@ def test_threshold_semantics_match_engine_rule():
     y = sparse_gemv(*_on_device(x, wt, t)).cpu()
     assert torch.equal(y, Threshold(0.1)(x))
     x_nan = torch.tensor([values + [float("nan")]], dtype=torch.bfloat16)
-    masked = threshold_mask(*_on_device(x_nan, t)).cpu()
+    masked = threshold_mask_counted(*_on_device(x_nan, t))[0].cpu()
     torch.testing.assert_close(masked, Threshold(0.1)(x_nan), equal_nan=True, rtol=0, atol=0)
 
 
@@ -177,18 +177,16 @@ def test_threshold_mask_matches_reference(dtype, per_channel):
                              seed=len(shape))
         x = x.view(shape)
         expected = masked_input(x, t)
-        y = threshold_mask(*_on_device(x, t)).cpu()
-        assert y.dtype == dtype and y.shape == x.shape
-        assert torch.equal(y, expected)
         y, zeros = threshold_mask_counted(*_on_device(x, t))
+        assert y.dtype == dtype and y.shape == x.shape
         assert torch.equal(y.cpu(), expected)
         assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (expected == 0).sum(-1))
 
 
 def test_threshold_mask_ops_opcheck():
     x, _, _, t = _inputs(4, 83, 1, torch.float32, 0.5, True, seed=9)
-    for op in (torch.ops.lm_sparse.threshold_mask, torch.ops.lm_sparse.threshold_mask_counted):
-        torch.library.opcheck(op, tuple(_on_device(x.view(2, 2, 83), t)), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.lm_sparse.threshold_mask_counted, tuple(_on_device(x.view(2, 2, 83), t)),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_kernels_need_cuda_outside_the_tests():
@@ -222,9 +220,9 @@ for dtype in ("bf16", "fp16", "fp32"):
     sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "B": "i32", "N": "i32", "stride_ob": "i32",
            "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(fn=sg._reduce_partials_kernel, signature=sig, constexprs=consts), target=target)
-    for count in (False, True):
-        consts = dict(T_PER_CHANNEL=count, COUNT=count, BLOCK=1024)
-        sig = {"x_ptr": p, "t_ptr": "*fp32", "y_ptr": p, "zeros_ptr": "*i32" if count else p, "K": "i32",
+    for per_channel in (False, True):
+        consts = dict(T_PER_CHANNEL=per_channel, BLOCK=1024)
+        sig = {"x_ptr": p, "t_ptr": "*fp32", "y_ptr": p, "zeros_ptr": "*i32", "K": "i32",
                **{k: "constexpr" for k in consts}}
         triton.compile(ASTSource(fn=tm._threshold_mask_kernel, signature=sig, constexprs=consts), target=target)
 print("compiled")

@@ -1,4 +1,4 @@
-"""One-pass threshold masking for prefill: y = x where |x| > t, else 0, optionally counting the zeros.
+"""One-pass threshold masking for prefill: y = x where |x| > t, else 0, counting the zeros of each row.
 
 Prefill runs dense GEMMs on masked inputs. Torch's `x.masked_fill(x.abs() <= t, 0)` makes three passes
 over x (abs, compare, fill) and writes two temporaries, and the engine's count of zeros is a fourth pass;
@@ -20,8 +20,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _threshold_mask_kernel(x_ptr, t_ptr, y_ptr, zeros_ptr, K, T_PER_CHANNEL: tl.constexpr, COUNT: tl.constexpr,
-                           BLOCK: tl.constexpr):
+def _threshold_mask_kernel(x_ptr, t_ptr, y_ptr, zeros_ptr, K, T_PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs_k < K
@@ -32,39 +31,20 @@ def _threshold_mask_kernel(x_ptr, t_ptr, y_ptr, zeros_ptr, K, T_PER_CHANNEL: tl.
         t = tl.load(t_ptr)
     y = tl.where(tl.abs(x.to(tl.float32)) <= t, 0.0, x).to(x.dtype)
     tl.store(y_ptr + row * K + offs_k, y, mask=ok)
-    if COUNT:
-        tl.atomic_add(zeros_ptr + row, tl.sum(((y == 0) & ok).to(tl.int32), axis=0))
-
-
-def _launch(x: torch.Tensor, threshold: torch.Tensor, count: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    zeros = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device) if count else None
-    if x.numel() == 0:
-        return y, zeros
-    k = x.shape[-1]
-    _threshold_mask_kernel[(x.numel() // k, triton.cdiv(k, BLOCK))](
-        x, threshold, y, zeros if count else y, k, T_PER_CHANNEL=threshold.dim() == 1, COUNT=count,
-        BLOCK=BLOCK, num_warps=4)
-    return y, zeros
-
-
-@torch.library.custom_op("lm_sparse::threshold_mask", mutates_args=())
-def threshold_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """x with |x| <= t set to zero (one read, one write); threshold from `reference.round_threshold`."""
-    return _launch(x, threshold, count=False)[0]
-
-
-@threshold_mask.register_fake
-def _threshold_mask_fake(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    tl.atomic_add(zeros_ptr + row, tl.sum(((y == 0) & ok).to(tl.int32), axis=0))
 
 
 @torch.library.custom_op("lm_sparse::threshold_mask_counted", mutates_args=())
 def threshold_mask_counted(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`threshold_mask` plus the zero entries of the masked x per row (int64, x.shape[:-1]), same pass."""
-    y, zeros = _launch(x, threshold, count=True)
-    assert zeros is not None
+    """(x with |x| <= t set to zero, the zero entries of each row: int64, x.shape[:-1]) in one read and one
+    write of x; threshold from `reference.round_threshold`."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    zeros = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)
+    if x.numel() > 0:
+        k = x.shape[-1]
+        _threshold_mask_kernel[(x.numel() // k, triton.cdiv(k, BLOCK))](
+            x, threshold, y, zeros, k, T_PER_CHANNEL=threshold.dim() == 1, BLOCK=BLOCK, num_warps=4)
     return y, zeros.long()
 
 
