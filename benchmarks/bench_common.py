@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +35,8 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device)
 
 
 def write_results(path: str | None, meta: dict, rows: list[dict]) -> None:
-    """Write {"meta", "rows"} as JSON to `path` (nothing when `path` is None)."""
+    """Write {"meta", "rows"} as JSON to `path`, making its folder (nothing when `path` is None)."""
     if path:
-        with open(path, "w") as f:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -15,7 +15,6 @@ sparsity); "sparsity" is over the sparsified inputs only (for PPL-p%: the down p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -30,6 +29,8 @@ from lm_sparse.calibrate.data import calibration_batches, load_texts  # noqa: E4
 from lm_sparse.calibrate.ppl import perplexity  # noqa: E402
 from lm_sparse.config import SparsityConfig  # noqa: E402
 from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
+
+from bench_common import write_results  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/gsm8k_train.jsonl"
 
@@ -128,9 +129,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['level']} | {r['ppl_ratio']:.4f} | {r['weights_skipped']:.3f} "
               f"| {r['sparsity']:.3f} |")
-    os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
-    with open(args.json_out, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_results(args.json_out, meta, rows)
 
 
 if __name__ == "__main__":

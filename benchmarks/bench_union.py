@@ -35,12 +35,13 @@ METHODS = {
 
 
 def heldout_windows(tokenizer, data: Path, sequences: int, seqlen: int) -> torch.Tensor:
-    """`sequences` windows of `seqlen` tokens, one per problem, from the end of the GSM8K jsonl file."""
-    lines = data.read_text().splitlines()
+    """`sequences` windows of `seqlen` tokens, one per document, from the end of the text file."""
+    from lm_sparse.calibrate.data import load_texts
+
+    texts, _ = load_texts(str(data))  # GSM8K jsonl: question + "\n" + answer, as calibration reads it
     windows = []
-    for line in reversed(lines):
-        row = json.loads(line)
-        ids = tokenizer(row["question"] + " " + row["answer"])["input_ids"]
+    for text in reversed(texts):
+        ids = tokenizer(text)["input_ids"]
         if len(ids) >= seqlen:
             windows.append(ids[:seqlen])
         if len(windows) == sequences:
