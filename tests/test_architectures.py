@@ -6,7 +6,7 @@ torch.sort, natural zeros by recomputing act(gate(x)) * up(x) from the gate/up o
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -224,15 +224,9 @@ def _direct_zero_count(model: nn.Module, ids: torch.Tensor, eps: float | None = 
     """Zeros of each layer's intermediate; with `eps`, of the intermediate thresholded at |h| <= eps
     (applied to the down inputs too, so later layers see what the engine's model sees)."""
     store: list[torch.Tensor] = []
-    handles = [] if eps is None else [
-        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * (a[0].abs() > eps),))
-        for layer in model.model.layers]
-    try:
-        with torch.no_grad(), _record_intermediate(model, store):
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    threshold = nullcontext() if eps is None else down_proj_pre_hooks(model, lambda m, a: (a[0] * (a[0].abs() > eps),))
+    with torch.no_grad(), threshold, _record_intermediate(model, store):
+        model(ids)
     per_layer = [int((h == 0).sum() if eps is None else (h.abs() <= eps).sum()) for h in store]
     return sum(per_layer), per_layer
 
