@@ -336,9 +336,13 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
             f"sparse-hf: thresholds={str(path)!r} holds {stored.get('method')} thresholds, "
             f"not {fields.get('method')}"
         )
-    if payload["key"] != cache_key(fields):
+    # Only the method's settings are compared: the calibration text is not read for an explicit file (its
+    # hash is unknown here), and its token count and seed are the file's business.
+    stored_params, params = _strip_sources(stored.get("params") or {}), _strip_sources(fields.get("params") or {})
+    differing = sorted(k for k in set(stored_params) | set(params) if stored_params.get(k) != params.get(k))
+    if differing:
         logger.warning("lm-sparse: thresholds=%s was calibrated with other settings (%s); using the file as given",
-                       path, _canonical(_strip_sources(stored.get("params"))))
+                       path, ", ".join(f"{k}={stored_params.get(k)!r}, not {params.get(k)!r}" for k in differing))
     return payload, tensors, str(path)
 
 
@@ -361,25 +365,36 @@ def _wait_for_everyone(rank_context: Any) -> None:
         torch.distributed.barrier()
 
 
+def _cache_target(fields: dict, key: str) -> Path:
+    return cache_dir() / f"{file_stem(str(fields.get('method')), key)}.json"
+
+
+def _load_shipped(key: str, shipped_dirs: tuple[Path, ...]) -> tuple[dict, dict[str, torch.Tensor], str] | None:
+    shipped = _find_shipped(key, shipped_dirs)
+    loaded = _try_load(shipped, key) if shipped is not None else None
+    return (loaded[0], loaded[1], str(shipped)) if loaded is not None else None
+
+
+def _load_cached(target: Path, key: str) -> tuple[dict, dict[str, torch.Tensor], str] | None:
+    loaded = _try_load(target, key) if target.is_file() else None
+    return (loaded[0], loaded[1], str(target)) if loaded is not None else None
+
+
 def _lookup_or_compute(fields: dict, key: str, compute: Callable, recalibrate: bool,
                        shipped_dirs: tuple[Path, ...]) -> tuple[dict, dict[str, torch.Tensor], str]:
-    method = str(fields.get("method"))
-    target = cache_dir() / f"{file_stem(method, key)}.json"
+    target = _cache_target(fields, key)
     if not recalibrate:
-        shipped = _find_shipped(key, shipped_dirs)
-        if shipped is not None:
-            loaded = _try_load(shipped, key)
-            if loaded is not None:
-                return loaded[0], loaded[1], str(shipped)
+        found = _load_shipped(key, shipped_dirs)
+        if found is not None:
+            return found
     target.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
     with FileLock(str(target) + ".lock"):
         # Checked under the lock: a process that waited here loads what the first one wrote.
-        if not recalibrate and target.is_file():
-            loaded = _try_load(target, key)
-            if loaded is not None:
-                return loaded[0], loaded[1], str(target)
+        found = None if recalibrate else _load_cached(target, key)
+        if found is not None:
+            return found
         results, tensors = compute()
         payload = write_thresholds(target, fields, results, tensors)
         return payload, {k: v.detach().cpu() for k, v in tensors.items()}, str(target)
@@ -410,13 +425,8 @@ def load_or_compute(fields: dict, compute: Callable[[], tuple[dict, dict[str, to
         _wait_for_everyone(rank_context)
         return result
     _wait_for_everyone(rank_context)
-    target = cache_dir() / f"{file_stem(str(fields.get('method')), key)}.json"
-    candidates = [target] if target.is_file() else []
-    shipped = _find_shipped(key, shipped_dirs)
-    if shipped is not None:
-        candidates.append(shipped)
-    for candidate in candidates:
-        loaded = _try_load(candidate, key)
-        if loaded is not None:
-            return loaded[0], loaded[1], str(candidate)
+    # The cache first: after recalibrate=True it holds rank 0's new file, which a shipped one must not shadow.
+    found = _load_cached(_cache_target(fields, key), key) or _load_shipped(key, shipped_dirs)
+    if found is not None:
+        return found
     raise RuntimeError(f"lm-sparse: rank {rank} found no thresholds file for key {key[:16]} after rank 0's calibration")

@@ -6,6 +6,7 @@ Tiny random models and random word text; the real SmolLM2 only to check the ship
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -191,6 +192,17 @@ def test_build_rules_cache_and_heldout_sparsity(name, cache, text_file, tiny_tok
     assert info3["file"] == info["file"] and set(sum(info3["levels"].values(), [])) == {0.4}
     report = _heldout_report(engine, uniform, _windows(8, 64, seed=7))
     assert report["weights_skipped"] == pytest.approx(0.4, abs=0.02)
+
+
+def test_greedy_file_serves_uniform_mode_without_warning(cache, text_file, tiny_tokenizer, caplog):
+    engine = SparsityEngine(make_tiny_model("llama"))
+    _, info = T.build_teal_rules(engine, _config(text_file, 0.5), tiny_tokenizer, None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rules, info2 = T.build_teal_rules(engine, _config(text_file, 0.4, teal_mode="uniform", thresholds=info["file"]),
+                                          tiny_tokenizer, None)
+    assert info2["file"] == info["file"] and set(sum(info2["levels"].values(), [])) == {0.4}
+    assert not [r for r in caplog.records if "other settings" in r.getMessage()]
 
 
 def _count_calls(monkeypatch, module, name: str) -> dict:

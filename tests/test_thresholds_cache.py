@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -115,12 +116,21 @@ def test_bad_cache_files_warn_and_recompute(cache, damage):
     assert th.read_thresholds(path)[0]["key"] == th.cache_key(fields)
 
 
-def test_explicit_thresholds_file(cache, tmp_path):
+def test_explicit_thresholds_file(cache, tmp_path, caplog):
     fields = _fields()
     out = tmp_path / "mine.json"
     th.write_thresholds(out, fields, {"cett": 0.3}, {"layer0.down": torch.ones(8)})
     payload, _, path = th.load_or_compute(fields, _compute_factory([]), path=str(out), shipped_dir=cache)
     assert path == str(out) and payload["results"]["cett"] == 0.3
+    # the text of an explicit file is not read (its hash is unknown): only other method settings warn
+    unread = {**fields, "data": {"source": "/x.jsonl", "sha256": None}, "calib_tokens": 999}
+    with caplog.at_level(logging.WARNING, logger="lm_sparse.thresholds"):
+        th.load_or_compute(unread, _compute_factory([]), path=str(out), shipped_dir=cache)
+        assert not caplog.records
+        th.load_or_compute({**unread, "params": {"ppl_p": 5.0}}, _compute_factory([]), path=str(out),
+                           shipped_dir=cache)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"lm-sparse: thresholds={out} was calibrated with other settings (ppl_p=1.0, not 5.0); using the file as given"]
     with pytest.raises(SparsityArgumentError, match="another model"):
         th.load_or_compute(_fields("ccc"), _compute_factory([]), path=str(out), shipped_dir=cache)
     with pytest.raises(SparsityArgumentError, match="thresholds="):

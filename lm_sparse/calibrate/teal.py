@@ -15,10 +15,12 @@ stays within 1 + P/100. Histograms and lookup are cached through `lm_sparse.thre
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -364,6 +366,16 @@ class _NotCached(Exception):
     """Raised by a compute() that only probes the cache."""
 
 
+def _file_has_greedy(path: str) -> bool:
+    """Whether the thresholds file at `path` was calibrated with the greedy lookup (False if unreadable:
+    loading it then raises the clear error)."""
+    try:
+        payload = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+        return bool(payload["fields"]["params"]["greedy"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+
+
 def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data: str | None,
               calib_tokens: int | None, calib_seqlen: int | None, calib_seed: int, greedy: bool,
               thresholds_path: str | None = None, recalibrate: bool = False, lm: Any = None,
@@ -403,8 +415,12 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
 
         return load_or_compute(fields, compute, path=thresholds_path, recalibrate=recalibrate, rank_context=lm)
 
-    if greedy or thresholds_path is not None:
-        payload, tensors, path = attempt(greedy, probe_only=False)
+    if thresholds_path is not None:
+        # A greedy file also holds the histograms uniform mode reads: key it as it was made, so that using it
+        # for teal_mode=uniform is not reported as "calibrated with other settings".
+        payload, tensors, path = attempt(greedy or _file_has_greedy(thresholds_path), probe_only=False)
+    elif greedy:
+        payload, tensors, path = attempt(True, probe_only=False)
     else:
         try:
             payload, tensors, path = attempt(True, probe_only=True)
