@@ -52,9 +52,8 @@ FORMAT = "teal-v1"
 
 
 # -- histograms of |x| ------------------------------------------------------------------------------------
-def histogram_bins(x: torch.Tensor) -> torch.Tensor:
-    """Bin index of every |x| entry (flattened) in the log-spaced histogram."""
-    a = x.detach().abs().float().reshape(-1)
+def histogram_bins(a: torch.Tensor) -> torch.Tensor:
+    """Bin index of every entry of `a` = |x| (float32, flattened) in the log-spaced histogram."""
     pos = (torch.log2(a) - LOG2_MIN) * BINS_PER_OCTAVE  # -inf for zeros
     return (pos.floor() + 1).clamp(0, NUM_BINS - 1).long()
 
@@ -139,9 +138,9 @@ def collect_histograms(model: nn.Module, sites: list[Site], windows: torch.Tenso
 
     def hook_for(layer: int, g: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            counts[layer, g] += torch.bincount(histogram_bins(x), minlength=NUM_BINS).double()
-            abs_max[layer, g] = torch.maximum(abs_max[layer, g], x.detach().abs().max().double())
+            a = args[0].detach().abs().float().reshape(-1)  # |x| once, for the bins and the max
+            counts[layer, g] += torch.bincount(histogram_bins(a), minlength=NUM_BINS).double()
+            abs_max[layer, g] = torch.maximum(abs_max[layer, g], a.max().double())
         return hook
 
     for (layer, group), site in group_readers(sites).items():
