@@ -95,12 +95,19 @@ def main() -> None:
             rules, _ = lookup.rules(engine.sites, level, mode)
             rows.append({"method": f"teal {mode}", "level": f"teal={level:g}",
                          **measure(engine, rules, heldout, dense_ppl)})
-    for p in args.teal_ppl_p:
-        config = SparsityConfig(rule="teal", level=p, method="teal", calib_data=args.calib_data,
+    if args.teal_ppl_p:
+        # What build_teal_rules does for ppl_p=P,method=teal, with the lookup, the search's windows and their
+        # dense perplexity made once for every P.
+        config = SparsityConfig(rule="teal", method="teal", calib_data=args.calib_data,
                                 calib_tokens=args.calib_tokens, calib_seqlen=args.seqlen)
-        rules, info = T.build_teal_rules(engine, config, tokenizer, ctx)
-        rows.append({"method": "teal greedy (ppl_p)", "level": f"ppl_p={p:g} -> teal={info['level']:g}",
-                     **measure(engine, rules, heldout, dense_ppl)})
+        windows = T._ppl_windows(tokenizer, config, payload, model, texts)
+        search_dense = None
+        for p in args.teal_ppl_p:
+            level, probes = T.search_level(engine, lookup, windows, p, "greedy", dense_ppl=search_dense)
+            search_dense = probes[0]["dense_ppl"]
+            rules, _ = lookup.rules(engine.sites, level, "greedy")
+            rows.append({"method": "teal greedy (ppl_p)", "level": f"ppl_p={p:g} -> teal={level:g}",
+                         **measure(engine, rules, heldout, dense_ppl)})
     for p in args.pplp:
         from lm_sparse.calibrate.pplp import build_pplp_rules
 

@@ -325,17 +325,17 @@ LEVEL_GRID = 0.01
 
 
 def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tensor, ppl_p: float,
-                 mode: str) -> tuple[float, list[dict[str, float]]]:
+                 mode: str, dense_ppl: float | None = None) -> tuple[float, list[dict[str, float]]]:
     """Bisect over TEAL levels (grid 0.01) for the largest one with PPL ratio <= 1 + ppl_p/100.
 
     Assumes the ratio grows with the level (one sparse forward per probe, about 7 probes). The perplexity
     is measured on `windows` (`_ppl_windows`: PPL_TOKENS calibration tokens), with the engine's
-    `sparse_prefill` policy.
+    `sparse_prefill` policy. `dense_ppl`: the dense perplexity of `windows`, when already measured.
     """
     model = engine.model
     ids = windows
     batch = max(1, TOKENS_PER_FORWARD[_device_kind(model)] // ids.shape[1])
-    dense = perplexity(model, ids, batch_size=batch)
+    dense = perplexity(model, ids, batch_size=batch) if dense_ppl is None else dense_ppl
     top = 0.99 if mode == "uniform" else float(lookup.greedy_effective[:, -1].min())  # type: ignore[index]
     grid = [round(k * LEVEL_GRID, 6) for k in range(int(top / LEVEL_GRID + 1e-9) + 1)]
     budget = 1.0 + ppl_p / 100.0
