@@ -7,6 +7,7 @@ decode backend accepts CPU tensors, on tiny random models.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -202,6 +203,15 @@ def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_toke
         assert 0.1 < on["sparsity"] < 0.9
 
 
+def _generate_and_report(engine: SparsityEngine, generate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Fresh counts, `generate()` with the engine attached; return (tokens, sparsity report)."""
+    engine.reset()
+    with engine.attached():
+        out = generate()
+    engine.counter.synchronize()
+    return out, engine.report()
+
+
 def test_prefill_masks_and_dense_fallback_are_reported_and_exact():
     """The fused prefill mask gives the masked-dense tokens and counts; >8 decode rows report dense_fallback."""
     from lm_sparse.kernels.backend import attach_prefill_masks
@@ -212,11 +222,8 @@ def test_prefill_masks_and_dense_fallback_are_reported_and_exact():
     engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
 
     def run() -> tuple[torch.Tensor, dict]:
-        engine.counter.reset()
-        with engine.attached():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        engine.counter.synchronize()
-        return out, engine.report()
+        return _generate_and_report(engine, lambda: model.generate(ids, attention_mask=mask, max_new_tokens=3,
+                                                                   do_sample=False, pad_token_id=0))
 
     dense_tokens, dense_report = run()
     assert attach_prefill_masks(engine) == sorted(engine.rules)
@@ -254,12 +261,8 @@ def test_nearly_dense_union_dispatches_to_dense_per_site():
     engine.set_rules({s.index: Threshold(0.01, expected_sparsity=0.3 if s.layer == 0 else 0.9) for s in downs})
 
     def run(rows: int) -> tuple[torch.Tensor, dict]:
-        engine.reset()
-        with engine.attached():
-            out = model.generate(ids[:rows], attention_mask=mask[:rows], max_new_tokens=3, do_sample=False,
-                                 pad_token_id=0)
-        engine.counter.synchronize()
-        return out, engine.report()
+        return _generate_and_report(engine, lambda: model.generate(ids[:rows], attention_mask=mask[:rows],
+                                                                   max_new_tokens=3, do_sample=False, pad_token_id=0))
 
     dense_tokens, dense_report = run(4)
     launches: list[tuple[int, int]] = []
@@ -322,11 +325,8 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
 
     def run(compile: bool) -> tuple[torch.Tensor, dict]:
-        engine.counter.reset()
-        with engine.attached():
-            out = generate_static(model, ids, mask, 6, None, 0, None, compile=compile)
-        engine.counter.synchronize()
-        return out, engine.report()
+        return _generate_and_report(engine,
+                                    lambda: generate_static(model, ids, mask, 6, None, 0, None, compile=compile))
 
     eager_tokens, eager_report = run(False)
     attach_decode_kernels(engine, required=True)
@@ -339,7 +339,6 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     assert report["execution"]["down"]["decode"] == "sparse_kernel"
     assert counter.frame_count == 1, f"decode step compiled {counter.frame_count} times"
     compiled_frames = counter.frame_count
-    engine.reset()
     tokens, _ = run(True)  # a second call reuses the compiled step
     assert torch.equal(tokens, eager_tokens) and counter.frame_count == compiled_frames
     assert engine.decode_rows_seen() == [2]  # the compiled step records its rows for the report
