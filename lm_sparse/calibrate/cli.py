@@ -29,7 +29,8 @@ ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--out",), dict(required=True, help="thresholds file to write (JSON; tensors beside it)")),
     (("--teal-mode",), dict(default="greedy", choices=["greedy", "uniform"], help="TEAL allocation (default greedy)")),
     (("--teal-level",), dict(type=float, default=None, help="TEAL: print the per-matrix levels at this sparsity")),
-    (("--teal-greedy-steps",), dict(type=int, default=None, help="TEAL greedy moves to 0.9 (default 80 CPU, 240 CUDA)")),
+    (("--teal-greedy-steps",), dict(type=int, default=None,
+                                    help="TEAL greedy moves to 0.9 (default 80 CPU, 240 CUDA)")),
     (("--teal-greedy-tokens",), dict(type=int, default=None, help="TEAL greedy tokens (default 256 CPU, 16384 CUDA)")),
 ]
 

@@ -41,9 +41,9 @@ REL_TOLERANCE = 0.1  # stop when |ratio - (1 + p/100)| <= REL_TOLERANCE * p/100
 MAX_ITERATIONS = 8
 CETT_TOKENS_CPU = 2048  # tokens the threshold search evaluates CETT on (all calibration tokens up to this)
 CETT_TOKENS_CUDA = 4096  # 8B: 4096 x 14336 x 20 B x 32 layers = 38 GB of search state in CPU RAM
-FIRST_CETT_GUESS = 0.2
+FIRST_CETT_GUESS = 0.2  # initial CETT target; the PPL ratio is roughly quadratic in c below ~0.5
 SPARSE_UPDATE_FRACTION = 512  # update W a_D sparsely when fewer than 1/512 of the entries change
-UPDATE_CHUNK = 8192  # entries per gathered block of W rows (8192 x H floats)  # initial CETT target; the PPL ratio is roughly quadratic in c below ~0.5
+UPDATE_CHUNK = 8192  # entries per gathered block of W rows (8192 x H floats)
 
 
 def default_cett_tokens(device: Any, calib_tokens: int) -> int:
@@ -334,7 +334,8 @@ def calibrate_pplp(model: nn.Module, calib: torch.Tensor, heldout: torch.Tensor 
         "cett": best["cett"],
         "calib_ppl_ratio": best["ratio"],
         "target_ppl_ratio": 1 + ppl_p / 100,
-        "tolerance": f"|ratio - (1 + p/100)| <= {REL_TOLERANCE} * p/100 = {tol:.6g}, at most {max_iterations} iterations",
+        "tolerance": f"|ratio - (1 + p/100)| <= {REL_TOLERANCE} * p/100 = {tol:.6g}, "
+                     f"at most {max_iterations} iterations",
         "converged": abs(best["ratio"] - (1 + ppl_p / 100)) <= tol,
         "dense_ppl": dense_ppl,
         **heldout_info,

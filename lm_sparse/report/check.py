@@ -139,7 +139,8 @@ def run_check(results: Run, baseline: Run, max_drop: float | None = 1.0, min_rec
         measured = results.measured(sparsity_scope)
         low = measured < min_sparsity
         verdicts.append(TaskVerdict(
-            task=f"(sparsity, {sparsity_scope})", metric="measured", baseline=f"{baseline.measured(sparsity_scope):.4f}",
+            task=f"(sparsity, {sparsity_scope})", metric="measured",
+            baseline=f"{baseline.measured(sparsity_scope):.4f}",
             result=f"{measured:.4f}", drop="", recovery="", failed=low,
             reason=f"FAIL: sparsity {measured:.4f} < floor {min_sparsity:g}" if low else ""))
     return CheckOutcome(verdicts)

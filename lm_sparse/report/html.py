@@ -68,7 +68,8 @@ def render_report(header: list[str], rows: list[list[str]], plots: dict[str, lis
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Leaderboard</h2>", table_html(header, rows, lower_is_better), f'<p class="legend">{html.escape(legend)}</p>',
+        "<h2>Leaderboard</h2>", table_html(header, rows, lower_is_better),
+        f'<p class="legend">{html.escape(legend)}</p>',
     ]
     sections = (("score", "Score against measured sparsity"),
                 ("layers", "Activation ratio per layer (1 - sparsity of each matrix input)"))

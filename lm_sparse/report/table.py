@@ -143,7 +143,8 @@ def leaderboard_tasks(data: dict[str, Any]) -> list[str]:
             for sub in subs:
                 add(sub, top=False)
 
-    top_level = [t for t in results if t not in children] + [g for g in groups if g not in children and g not in results]
+    top_level = [t for t in results if t not in children]
+    top_level += [g for g in groups if g not in children and g not in results]
     for name in top_level:
         add(name, top=True)
     return out
