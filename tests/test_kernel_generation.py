@@ -22,6 +22,7 @@ from lm_sparse.engine.rules import Threshold, TopK  # noqa: E402
 from lm_sparse.kernels import backend  # noqa: E402
 from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
 from lm_sparse.kernels.decode import generate_static  # noqa: E402
+from transformers import StaticCache  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -59,13 +60,50 @@ def test_generate_static_matches_generate(batch):
     assert torch.equal(got, expected)
 
 
-def test_generate_static_reuses_its_cache_across_calls():
-    """Consecutive calls (other prompts, lengths, batch sizes) reset and reuse the cache correctly."""
+def test_generate_static_reuses_its_cache_across_calls(monkeypatch):
+    """Consecutive calls (other prompts, lengths, batch sizes) reset and reuse the caches correctly.
+
+    One cache per (batch, length bucket), kept across a switch: a CUDA graph holds its cache's addresses.
+    """
+    from lm_sparse.kernels import decode
+
+    made = []
+    monkeypatch.setattr(decode, "StaticCache", lambda **kw: made.append(kw) or StaticCache(**kw))
+    monkeypatch.setattr(decode, "MAX_CACHES", 2)
     model = _model()
-    for batch, length, new in ((3, 7, 9), (3, 9, 4), (1, 5, 6), (3, 7, 9)):
+    for batch, length, new in ((3, 7, 9), (3, 9, 4), (1, 5, 6), (3, 7, 9), (2, 5, 6), (1, 5, 6)):
         ids, mask = _prompts(batch, length, seed=length)
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
         assert torch.equal(generate_static(model, ids, None, new, None, 0, None), expected)
+    # batch 3 made once and reused after batch 1; batch 2 evicted the least recently used (batch 1)
+    assert len(made) == 4
+
+
+def test_generate_static_passes_the_cache_under_the_models_name_for_it():
+    """transformers 5.17 (and 4.x) take `past_key_values`, later 5.x `cache`: a wrong name would be swallowed by
+    **kwargs and every step would decode without its history."""
+    from lm_sparse.kernels.decode import cache_argument
+
+    model = _model()
+    seen = []
+
+    class OlderSignature(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config, self.generation_config = model, model.config, model.generation_config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **kwargs):
+            seen.append(sorted(kwargs))
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep,
+                              **{cache_argument(self.inner): past_key_values})
+
+    ids, mask = _prompts(2, 7)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert cache_argument(OlderSignature()) == "past_key_values"
+    assert torch.equal(generate_static(OlderSignature(), ids, None, 5, None, 0, None), expected)
+    assert seen and not any(seen)  # nothing landed in **kwargs
 
 
 def test_generate_static_stops_and_pads_like_generate():
@@ -302,14 +340,17 @@ def test_calibrated_rules_carry_their_expected_sparsity():
     assert all(r.expected_sparsity is None for r in rules_from_tensors(engine, tensors).values())
 
 
-@pytest.mark.parametrize("backend_name", ["eager", "inductor"])
-def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch, backend_name):
-    """generate_static's compiled step (fullgraph) runs the engine hooks and kernel ops: same tokens, same counts.
+@pytest.mark.parametrize("backend_name,fullgraph", [("eager", True), ("inductor", False)])
+def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch, backend_name, fullgraph):
+    """generate_static's compiled step runs the engine hooks and kernel ops in one graph: same tokens, same counts.
 
-    On CPU the step compiles without CUDA graphs (they need CUDA): with the eager backend (the trace, graph
-    breaks and recompilations are the ones the CUDA build sees) and with inductor (its lowering of the
-    custom ops and of the engine's in-place counter updates; about 35 s on a 2-core CPU).
+    On CPU the step compiles without CUDA graphs (they need CUDA): with the eager backend and fullgraph (the
+    trace and recompilations are the ones the CUDA build sees), and with inductor under the production
+    options, where a graph break would not raise: the test counts breaks (a host sync in the engine's hook
+    once split the step and recompiled it at every position). Inductor lowers the custom ops and the
+    engine's in-place counter updates; about 35 s on a 2-core CPU.
     """
+    import torch._dynamo.utils
     import shutil
 
     import torch._dynamo.testing
@@ -331,12 +372,14 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     eager_tokens, eager_report = run(False)
     attach_decode_kernels(engine, required=True)
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend_name)
-    monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": True, "dynamic": False})
+    monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": fullgraph, "dynamic": False})
     decode.forget_compiled_step(model)
+    torch._dynamo.utils.counters.clear()
     tokens, report = run(True)
     assert torch.equal(tokens, eager_tokens)
     assert report["phases"] == eager_report["phases"]
     assert report["execution"]["down"]["decode"] == "sparse_kernel"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert counter.frame_count == 1, f"decode step compiled {counter.frame_count} times"
     compiled_frames = counter.frame_count
     tokens, _ = run(True)  # a second call reuses the compiled step

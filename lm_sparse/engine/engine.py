@@ -136,7 +136,10 @@ class SparsityEngine:
         past = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = 0
         if past is not None and hasattr(past, "get_seq_length"):
-            past_len = int(past.get_seq_length())
+            # Only the decode step is compiled (kernels.decode); a StaticCache's length is a device tensor, and
+            # int() of it there would be a host sync and a graph break whose resumed code recompiles at every
+            # position. A compiled step with a cache is a decode step.
+            past_len = 1 if torch.compiler.is_compiling() else int(past.get_seq_length())
         seq_len = ref.shape[1] if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else 1
         self._phase = DECODE if (past_len > 0 and seq_len == 1) else PREFILL
         if self._phase == DECODE and self.decode_executors and isinstance(ref, torch.Tensor):

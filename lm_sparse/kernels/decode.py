@@ -11,6 +11,7 @@ EOS or a stopping criterion, or after `max_new_tokens`.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -38,6 +39,7 @@ def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eo
 # Per model: the reusable StaticCache (and its key) and the compiled decode step.
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, to bound recompilations
+MAX_CACHES = 4  # static caches kept per model, one per (batch size, cache-length bucket)
 # torch.compile options of the decode step (CUDA graphs through "reduce-overhead"); the tests swap in a
 # counting backend with fullgraph=True to prove the engine's hooks and the kernel ops trace without a break.
 COMPILE_OPTIONS: dict = {"mode": "reduce-overhead", "dynamic": False}
@@ -65,25 +67,41 @@ def forget_compiled_step(model: nn.Module) -> None:
 
 
 def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device) -> tuple[StaticCache, int]:
-    """The model's StaticCache for this batch and length bucket (reset and reused, or made anew), its length."""
-    state = _STATE.setdefault(model, {})
+    """The model's StaticCache for this batch and length bucket (reset and reused, or made anew), its length.
+
+    Up to MAX_CACHES are kept, most recently used last: a compiled variant's CUDA graph holds its cache's
+    addresses, so an lm-eval run that alternates batch sizes (the last batch of a task is smaller) reuses
+    recorded graphs instead of re-recording one at every switch.
+    """
+    caches = _STATE.setdefault(model, {}).setdefault("caches", {})
     cache_len = -(-total // CACHE_BUCKET) * CACHE_BUCKET
     key = (batch, cache_len, device)
-    cache = state.get("cache")
-    if cache is not None and state.get("cache_key") == key:
+    cache = caches.pop(key, None)
+    if cache is not None:
         cache.reset()
-        return cache, cache_len
-    state.pop("cache", None)  # free the previous buffers before allocating new ones
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    state.update(cache=cache, cache_key=key)
+    else:
+        while len(caches) >= MAX_CACHES:  # free the least recently used buffers before allocating
+            caches.pop(next(iter(caches)))
+        cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    caches[key] = cache
     return cache, cache_len
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name `model.forward` takes its KV cache under: `cache` in newer transformers 5 releases,
+    `past_key_values` before (5.17 and 4.x). Passing the wrong one would be swallowed by `**kwargs` and
+    the model would decode every step without its history."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _decode_step(model: nn.Module) -> Callable:
+    cache_name = cache_argument(model)
+
     def step(ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
              cache: StaticCache) -> torch.Tensor:
-        out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1, **{cache_name: cache})
         return out.logits[:, -1, :].float()
 
     return step
