@@ -95,11 +95,13 @@ def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
                          ids=["direct", "split3", "split8"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sparse_gemv_tilings(config, batch):
-    """Direct write (no split) and split-K with a partial reduce give the same float64-close result."""
+    """Direct write (no split) and split-K with a partial reduce give the same float64-close result and the
+    same zero counts (summed by the reduce launch, or written directly without a split)."""
     x, wt, bias, t = _inputs(batch, 101, 45, torch.bfloat16, 0.5, True, seed=7)
     out = torch.full((batch, 45), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    y = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out)
+    y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out, count_zeros=True)
     _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
+    assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
 def test_threshold_semantics_match_engine_rule():
@@ -210,15 +212,21 @@ for dtype in ("bf16", "fp16", "fp32"):
     p = f"*{dtype}"
     for use_dot in (False, True):
         sig = {"x_ptr": p, "wt_ptr": p, "t_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "partial_ptr": "*fp32",
-               "zeros_ptr": "*i32", **{n: "i32" for n in ints}}
+               "zeros_ptr": "*i64", **{n: "i32" for n in ints}}
         consts = dict(T_PER_CHANNEL=use_dot, HAS_BIAS=True, WRITE_PARTIAL=use_dot, COUNT=True, USE_DOT=use_dot,
                       DOT_FP32=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=64 if use_dot else 32,
                       BLOCK_N=64 if use_dot else 128)
         sig.update({k: "constexpr" for k in consts})
-        triton.compile(ASTSource(fn=sg._sparse_gemv_kernel, signature=sig, constexprs=consts), target=target)
-    consts = dict(HAS_BIAS=True, BLOCK=1024)
-    sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "B": "i32", "N": "i32", "stride_ob": "i32",
-           "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
+        # What a launch specializes for real shapes: pointers 16-byte aligned, sizes and strides multiples of 16.
+        names = sg._sparse_gemv_kernel.arg_names
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n] != "constexpr" and n != "B"}
+        kernel = triton.compile(ASTSource(fn=sg._sparse_gemv_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                target=target)
+        if not use_dot:  # batch 1 streams the weight rows in 16-byte vector loads
+            assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: batch-1 weight loads not vectorized"
+    consts = dict(HAS_BIAS=True, COUNT=True, BLOCK=1024, BLOCK_B=8)
+    sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "zeros_ptr": "*i64", "counts_ptr": "*i64",
+           "B": "i32", "N": "i32", "stride_ob": "i32", "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(fn=sg._reduce_partials_kernel, signature=sig, constexprs=consts), target=target)
     for per_channel in (False, True):
         consts = dict(T_PER_CHANNEL=per_channel, BLOCK=1024)

@@ -58,6 +58,15 @@ def make_input_major(module: nn.Linear) -> torch.Tensor:
     return wt
 
 
+def _static_address(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Mark a tensor the decode step reads from a closure (not a module parameter) as having a fixed address:
+    CUDA graphs then read it in place; a tensor they did not know to be static would be copied into the
+    graph's inputs at every replay (for a fused weight, a second copy of the weights and their traffic)."""
+    if t is not None and t.device.type == "cuda":
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
 def _threshold_for(threshold: float | torch.Tensor, weight: torch.Tensor):
     """t rounded to x's dtype, on x's device, computed once per (device, dtype).
 
@@ -65,13 +74,13 @@ def _threshold_for(threshold: float | torch.Tensor, weight: torch.Tensor):
     it on its first call would fail its own guard on the dict and compile a second time.
     """
     cache: dict[tuple, torch.Tensor] = {
-        (weight.device, weight.dtype): round_threshold(threshold, weight.dtype, weight.device)}
+        (weight.device, weight.dtype): _static_address(round_threshold(threshold, weight.dtype, weight.device))}
 
     def get(x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
         t = cache.get(key)
         if t is None:
-            t = cache[key] = round_threshold(threshold, x.dtype, x.device)
+            t = cache[key] = _static_address(round_threshold(threshold, x.dtype, x.device))
         return t
 
     return get
@@ -156,12 +165,13 @@ def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | tor
 
     limit = MAX_SPARSE_BATCH if max_rows is None else int(max_rows)
 
-    wt = make_fused_input_major(modules)
+    wt = _static_address(make_fused_input_major(modules))
     sizes = [m.out_features for m in modules]
     biases = [m.bias for m in modules]
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach() if b is not None else wt.new_zeros(n) for b, n in zip(biases, sizes)])
+        _static_address(bias)
     threshold_of = _threshold_for(threshold, wt)
     # Every key present from the start: a compiled step guards on the dict's length.
     state: dict = {"x": None, "outs": None, "zeros": None, "served": 0}

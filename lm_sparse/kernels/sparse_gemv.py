@@ -15,6 +15,8 @@ Accumulation is float32. With SPLIT_K > 1 every slice writes float32 partial sum
 kernel works the same for bfloat16, float16 and float32, and its result is deterministic run to run (the
 greedy-decoding equality tests rely on that). The cost is one extra launch and SPLIT_K * B * N * 4 bytes of
 traffic, under 1% of the weight bytes for the shapes that matter. With SPLIT_K = 1 the first kernel writes y.
+The zero counts of the masked x (for the sparsity report) are written per K slice and summed by the same
+reduce launch, so counting adds no launch.
 
 Batch 1 multiplies and keeps a [BLOCK_K, BLOCK_N] accumulator (one reduction at the end); batch 2..8 pads
 the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows, or above the op's `max_rows`
@@ -24,6 +26,7 @@ runs a dense GEMM on the masked input instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -72,16 +75,35 @@ def _sparse_gemv_kernel(
         acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)  # zero entries of the masked x, per row (COUNT)
 
+    # x (and a per-channel t) is loaded one K step ahead: the next step's load is in flight while this step's
+    # weight rows load, so each step waits on one memory round trip (the rows depend on x), not two.
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    if USE_DOT:
+        x_next = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :],
+                         mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+    else:
+        x_next = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+    if T_PER_CHANNEL:
+        t_next = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
+        x = x_next
+        offs_k_next = offs_k + BLOCK_K
+        k_next_ok = offs_k_next < k_end
+        if USE_DOT:
+            x_next = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k_next[None, :],
+                             mask=b_ok[:, None] & k_next_ok[None, :], other=0.0)
+        else:
+            x_next = tl.load(x_ptr + offs_k_next, mask=k_next_ok, other=0.0)
         if T_PER_CHANNEL:
-            t = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
+            t = t_next
+            t_next = tl.load(t_ptr + offs_k_next, mask=k_next_ok, other=0.0)
         else:
             t = t_scalar
         if USE_DOT:
             xk_ok = b_ok[:, None] & k_ok[None, :]
-            x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=xk_ok, other=0.0)
             # keep = not(|x| <= t): the engine's Threshold rule exactly (NaN survives, as there).
             keep = (~(tl.abs(x.to(tl.float32)) <= t)) & xk_ok
             active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
@@ -97,7 +119,6 @@ def _sparse_gemv_kernel(
             else:
                 acc += tl.dot(xm, w, out_dtype=tl.float32)
         else:
-            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
             keep = (~(tl.abs(x.to(tl.float32)) <= t)) & k_ok
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=keep[:, None] & n_ok[None, :], other=0.0)
@@ -111,7 +132,7 @@ def _sparse_gemv_kernel(
     out_mask = b_ok[:, None] & n_ok[None, :]
     if COUNT:  # every column block sees the same x: the first one writes this K slice's counts
         if pid_n == 0:
-            tl.store(zeros_ptr + pid_k * B + offs_b, zeros, mask=b_ok)
+            tl.store(zeros_ptr + pid_k * B + offs_b, zeros.to(tl.int64), mask=b_ok)
     if WRITE_PARTIAL:
         slot = partial_ptr + pid_k * B * N
         tl.store(slot + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
@@ -123,8 +144,17 @@ def _sparse_gemv_kernel(
 
 
 @triton.jit
-def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, B, N, stride_ob, SPLIT_K,
-                            HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_ptr, B, N, stride_ob, SPLIT_K,
+                            HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr,
+                            BLOCK_B: tl.constexpr):
+    if COUNT:  # the K slices' zero counts, summed here rather than in a launch of their own
+        if tl.program_id(0) == 0:
+            offs_b = tl.arange(0, BLOCK_B)
+            b_ok = offs_b < B
+            counts = tl.zeros((BLOCK_B,), dtype=tl.int64)
+            for s in range(0, SPLIT_K):
+                counts += tl.load(zeros_ptr + s * B + offs_b, mask=b_ok, other=0)
+            tl.store(counts_ptr + offs_b, counts, mask=b_ok)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -134,6 +164,11 @@ def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, B, N, stride_ob, SPL
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + (offs // N) * stride_ob + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _on_device(t: torch.Tensor):
+    """The context that makes `t`'s GPU the current device for a Triton launch (nothing on other devices)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -189,23 +224,25 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
     partial = torch.empty((split, B, N), device=x.device, dtype=torch.float32) if split > 1 else out
     use_dot = B > 1
     bias_arg = bias if bias is not None else out
-    zeros = torch.empty((split, B), device=x.device, dtype=torch.int32) if count_zeros else out
-    _sparse_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
-        x, wt, threshold, bias_arg, out, partial, zeros,
-        B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split,
-        T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
-        COUNT=count_zeros,
-        USE_DOT=use_dot, DOT_FP32=interpreting(),
-        BLOCK_B=16 if use_dot else 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-    )
-    if split > 1:
-        block = 1024
-        _reduce_partials_kernel[(triton.cdiv(B * N, block),)](
-            partial, bias_arg, out, B, N, out.stride(0), split,
-            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+    zeros = torch.empty((split, B), device=x.device, dtype=torch.int64) if count_zeros else out
+    counts = torch.empty(B, device=x.device, dtype=torch.int64) if count_zeros and split > 1 else zeros
+    with _on_device(x):  # Triton launches on the current device; a model split over GPUs has several
+        _sparse_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
+            x, wt, threshold, bias_arg, out, partial, zeros,
+            B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split,
+            T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
+            COUNT=count_zeros,
+            USE_DOT=use_dot, DOT_FP32=interpreting(),
+            BLOCK_B=16 if use_dot else 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
+        if split > 1:
+            block = 1024
+            _reduce_partials_kernel[(triton.cdiv(B * N, block),)](
+                partial, bias_arg, out, zeros, counts, B, N, out.stride(0), split,
+                HAS_BIAS=bias is not None, COUNT=count_zeros, BLOCK=block, BLOCK_B=MAX_SPARSE_BATCH, num_warps=4,
+            )
     if count_zeros:
-        return out, zeros.sum(0, dtype=torch.int64)
+        return out, (counts if split > 1 else zeros[0])
     return out
 
 
