@@ -2,9 +2,10 @@
 
 A Llama-3-8B-shaped model with random weights (bf16) decodes 256 new tokens after a 128-token prompt at
 batch 1 through `lm_sparse.kernels.decode.generate_static` (static KV cache, compiled decode step on CUDA)
-with the sparsity engine attached (counting paused: the timing is the product path only). Every sparse
-level puts a threshold on the inputs of all seven matrices of every layer, at that quantile of |x| seen
-on the prompt (what TEAL's calibration produces), and hands decode steps to the kernels. Decode tokens/s
+with the sparsity engine attached and counting, as under sparse-hf (`--no-count`: the product path alone).
+Every sparse level puts a threshold on the inputs of all seven matrices of every layer, at that quantile
+of |x| seen on the prompt, one per input as TEAL's calibration makes them (q/k/v and gate/up then run one
+fused launch each), and hands decode steps to the kernels. Decode tokens/s
 = (new tokens - 1) / (time of the full run - time of a prefill-only run).
 
     python benchmarks/bench_decode.py --out bench_decode.json       # GPU
@@ -14,6 +15,7 @@ on the prompt (what TEAL's calibration produces), and hands decode steps to the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -48,23 +50,37 @@ def build_model(smoke: bool, device: torch.device):
 
 
 def quantile_thresholds(engine: SparsityEngine, model, prompt: torch.Tensor, levels: list[float]) -> dict:
-    """{level: {site index: threshold}} at each level's quantile of the site's |input| on the prompt."""
-    samples: dict[int, torch.Tensor] = {}
+    """{level: {site index: threshold}} at each level's quantile of the site's |input| on the prompt.
 
-    def keep(index: int):
+    One threshold per input of a layer (q/k/v share one, gate/up share one), as TEAL's group thresholds:
+    sites that read one x with one threshold run one fused kernel launch, as they do under sparse-hf.
+    """
+    samples: dict[tuple[int, str], torch.Tensor] = {}
+    first = {}  # the site whose hook samples each (layer, group) input
+    for s in engine.sites:
+        first.setdefault((s.layer, s.group), s.index)
+
+    def keep(key: tuple[int, str]):
         def hook(module, args):
             x = args[0].detach().abs().float().flatten()
-            samples[index] = x[torch.randperm(x.numel(), device=x.device)[:200_000]]
+            samples[key] = x[torch.randperm(x.numel(), device=x.device)[:200_000]]
         return hook
 
-    handles = [s.module.register_forward_pre_hook(keep(s.index)) for s in engine.sites]
+    handles = [s.module.register_forward_pre_hook(keep((s.layer, s.group))) for s in engine.sites
+               if first[(s.layer, s.group)] == s.index]
     with torch.no_grad():
         model(prompt)
     for h in handles:
         h.remove()
     q = torch.tensor(levels, device=prompt.device)
-    per_site = {i: torch.quantile(v, q).tolist() for i, v in samples.items()}
-    return {lvl: {i: per_site[i][j] for i in per_site} for j, lvl in enumerate(levels)}
+    per_group = {key: torch.quantile(v, q).tolist() for key, v in samples.items()}
+    return {lvl: {s.index: per_group[(s.layer, s.group)][j] for s in engine.sites} for j, lvl in enumerate(levels)}
+
+
+def _qkv_fused(engine: SparsityEngine) -> bool:
+    """Whether layer 0's q/k/v weights are views of one storage (one fused launch, as under sparse-hf)."""
+    qkv = [s.module.weight for s in engine.sites_named("q", "k", "v") if s.layer == 0]
+    return len({w.untyped_storage().data_ptr() for w in qkv}) == 1
 
 
 def timed_generate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
@@ -86,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-count", action="store_true",
+                        help="pause the engine's sparsity counting (the product path alone; sparse-hf counts)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -100,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = SparsityEngine(model, pad_token_id=0)
     thresholds = quantile_thresholds(engine, model, prompt, levels)
     rows = []
-    with engine.attached(), engine.paused():
+    counting = contextlib.nullcontext if not args.no_count else engine.paused
+    with engine.attached(), counting():
         rows.append({"mode": "dense", "level": 0.0,
                      "tokens_per_s": decode_tokens_per_s(model, prompt, new_tokens, repeats)})
         print(f"dense: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -109,20 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         engine.decode_executors.clear()
         attach_decode_kernels(engine, required=True, allow_interpreter=args.smoke)
         forget_compiled_step(model)  # each level compiles its own step (no recompile limit to run into)
-        with engine.attached(), engine.paused():
+        with engine.attached(), counting():
             tps = decode_tokens_per_s(model, prompt, new_tokens, repeats)
+        engine.reset()
         rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,
-                     "speedup": tps / rows[0]["tokens_per_s"]})
+                     "speedup": tps / rows[0]["tokens_per_s"], "fused_qkv": _qkv_fused(engine)})
         print(f"teal {level}: {tps:.1f} tokens/s", file=sys.stderr)
     meta = {**environment(device),
             "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
-            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1}
+            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1, "counting": not args.no_count}
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}, "
           f"prompt {prompt_len}, {new_tokens} new tokens, batch 1\n")
-    print("| mode | sparsity | decode tokens/s | speedup vs dense |")
-    print("|---|---|---|---|")
+    print("| mode | sparsity | decode tokens/s | speedup vs dense | q/k/v one launch |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['level']:.2f} | {r['tokens_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x |")
+        fused = {True: "yes", False: "no"}.get(r.get("fused_qkv"), "")
+        print(f"| {r['mode']} | {r['level']:.2f} | {r['tokens_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x | {fused} |")
     write_results(args.out, meta, rows)
     return 0
 

@@ -44,6 +44,7 @@ def test_bench_decode_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.5)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[1]["fused_qkv"] is True  # one threshold per input: q/k/v run one fused launch, as under sparse-hf
 
 
 def test_bench_prefill_mask_smoke(tmp_path):
