@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tokens in args.tokens:
         cett_tokens = args.cett_tokens or default_cett_tokens(args.device, tokens)
-        calib, held = calibration_batches(tokenizer, texts, tokens, args.seqlen, 0, heldout_tokens=max(args.seqlen, tokens // 4))
+        calib, held = calibration_batches(tokenizer, texts, tokens, args.seqlen, 0,
+                                          heldout_tokens=max(args.seqlen, tokens // 4))
         start = time.perf_counter()
         results, _ = calibrate_pplp(model, calib, held, args.ppl_p, cett_tokens=cett_tokens)
         total = time.perf_counter() - start

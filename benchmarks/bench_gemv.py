@@ -1,13 +1,17 @@
 """Microbenchmark of the input-sparse GEMV (`lm_sparse::sparse_linear`) against cuBLAS dense F.linear.
 
 For every weight shape (in x out), batch and sparsity: median time (triton's do_bench, which flushes L2
-before every run, cycling through rotated inputs so no run sees the previous one's x), bytes the kernel
-actually reads (union of active weight rows + x + y), achieved GB/s, speedup over cuBLAS F.linear on the
-ordinary [out, in] weight at the same batch, and the ideal 1/(1-s). The device's copy bandwidth is
-measured in the same run. Prints a Markdown table and writes JSON.
+before every run, cycling through rotated inputs so no run sees the previous one's x) of the kernel as
+decode steps run it (zero counting on, `count_zeros=True`), with `choose_config`'s tiles ("default") and,
+with `--sweep`, with the fastest of the tile/split candidates timed at s = 0.5 and s = 0.9 ("best");
+bytes the kernel actually reads (union of active weight rows + x + y), achieved GB/s, speedup over cuBLAS
+F.linear on the ordinary [out, in] weight at the same batch (and cuBLAS's time on the input-major view
+`wt.t()`, the layout the dense fallback and prefill use once the kernels are attached), and the ideal
+1/(1-s). The device's copy bandwidth is measured in the same run. Prints a Markdown table and writes JSON.
 
     python benchmarks/bench_gemv.py --out bench_gemv.json           # GPU: Llama-3-8B and 70B shapes, bf16
-    python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also pick the fastest tiling
+    python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also the fastest tiling
+    python benchmarks/bench_gemv.py --shapes 8b-upgate --batches 1  # GPU: a subset
     python benchmarks/bench_gemv.py --smoke                         # CPU: tiny shapes, Triton interpreter
 """
 
@@ -31,14 +35,15 @@ from lm_sparse.kernels.sparse_gemv import LaunchConfig, choose_config, sparse_ge
 
 from bench_common import environment, write_results  # noqa: E402
 
-SHAPES = {  # name: (in_features K, out_features N)
-    "8B up/gate 4096x14336": (4096, 14336),
-    "8B down 14336x4096": (14336, 4096),
-    "8B o 4096x4096": (4096, 4096),
-    "8B qkv 4096x6144": (4096, 6144),
-    "70B up 8192x28672": (8192, 28672),
+SHAPES = {  # key: (name, in_features K, out_features N)
+    "8b-upgate": ("8B up/gate 4096x14336", 4096, 14336),
+    "8b-down": ("8B down 14336x4096", 14336, 4096),
+    "8b-o": ("8B o 4096x4096", 4096, 4096),
+    "8b-qkv": ("8B qkv 4096x6144", 4096, 6144),
+    "70b-up": ("70B up 8192x28672", 8192, 28672),
 }
-SMOKE_SHAPES = {"smoke 96x80": (96, 80), "smoke 80x112": (80, 112)}
+SMOKE_SHAPES = {"smoke-a": ("smoke 96x80", 96, 80), "smoke-b": ("smoke 80x112", 80, 112)}
+SWEEP_SPARSITIES = (0.5, 0.9)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -46,12 +51,14 @@ def _xt(pair: tuple[torch.Tensor, torch.Tensor]) -> dict:
     return {"x": pair[0], "threshold": pair[1]}
 
 
-def bench(fn, device: torch.device, reps: int = 5) -> float:
-    """Median seconds of fn(): triton's do_bench on CUDA, perf_counter elsewhere (smoke runs)."""
+def bench(fn, device: torch.device, reps: int = 5, quick: bool = False) -> float:
+    """Median seconds of fn(): triton's do_bench on CUDA (`quick`: shorter, for the sweep's candidates),
+    perf_counter elsewhere (smoke runs)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+        warmup, rep = (5, 20) if quick else (25, 100)
+        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e-3
     fn()
     times = []
     for _ in range(reps):
@@ -93,50 +100,65 @@ def sweep_configs(batch: int, k: int, n: int, smoke: bool) -> list[LaunchConfig]
     return configs
 
 
+def _timer(sets: list, wt: torch.Tensor, device: torch.device):
+    """seconds(config, quick) of the counted kernel (what decode steps run) over the rotated `sets`."""
+    def seconds(config: LaunchConfig, quick: bool = False) -> float:
+        it = itertools.cycle(sets)
+        return bench(lambda: sparse_gemv(**_xt(next(it)), wt=wt, config=config, count_zeros=True), device,
+                     quick=quick)
+    return seconds
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    table = SMOKE_SHAPES if args.smoke else SHAPES
+    keys = list(table) if args.smoke or args.shapes == "all" else args.shapes.split(",")
+    unknown = [k for k in keys if k not in table]
+    if unknown:
+        raise SystemExit(f"bench_gemv: invalid --shapes {','.join(unknown)}: expected all or some of "
+                         f"{','.join(SHAPES)}")
     batches = [1, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
     sparsities = [0.0, 0.5, 0.9] if args.smoke else [float(s) for s in args.sparsities.split(",")]
     elt = torch.tensor([], dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30))
     rows = []
-    for name, (k, n) in shapes.items():
+    for key in keys:
+        name, k, n = table[key]
         weight = torch.randn(n, k, device=device, dtype=dtype) / k**0.5  # cuBLAS baseline: ordinary layout
         wt = weight.t().contiguous()
         for batch in batches:
             dense_sets = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(args.rotate)]
             it = itertools.cycle(dense_sets)
             t_dense = bench(lambda: torch.nn.functional.linear(next(it), weight), device)
-            config = choose_config(batch, k, n, device)
-            if args.sweep:  # pick the fastest tiling at s = 0.5 for this shape and batch
-                it_s = itertools.cycle(rotated_inputs(batch, k, 0.5, dtype, device, args.rotate))
-                timed = [(bench(lambda c=c: sparse_gemv(**_xt(next(it_s)), wt=wt, config=c), device), c)
-                         for c in sweep_configs(batch, k, n, args.smoke)]
-                config = min(timed, key=lambda tc: tc[0])[1]
+            t_dense_im = bench(lambda: torch.nn.functional.linear(next(it), wt.t()), device)
+            default = choose_config(batch, k, n, device)
+            candidates = {default}
+            if args.sweep:  # the fastest tiling at each sweep sparsity joins the candidates
+                for s_sweep in SWEEP_SPARSITIES:
+                    seconds = _timer(rotated_inputs(batch, k, s_sweep, dtype, device, args.rotate), wt, device)
+                    timed = [(seconds(c, quick=True), c) for c in sweep_configs(batch, k, n, args.smoke)]
+                    candidates.add(min(timed, key=lambda tc: tc[0])[1])
             for s in sparsities:
                 sets = rotated_inputs(batch, k, s, dtype, device, args.rotate)
-                it_s = itertools.cycle(sets)
-
-                def sparse_call():
-                    x, t = next(it_s)
-                    return sparse_gemv(x, wt, t, config=config)
-
-                t_sparse = bench(sparse_call, device)
+                seconds = _timer(sets, wt, device)
+                t_default = seconds(default)
+                t_best, best = min([(t_default, default)] + [(seconds(c), c) for c in candidates - {default}],
+                                   key=lambda tc: tc[0])
                 x0, t0 = sets[0]
                 union = float((x0.abs().float() > t0).any(0).float().mean())
                 bytes_read = union * k * n * elt + batch * k * elt + batch * n * elt
                 rows.append({
                     "shape": name, "in": k, "out": n, "batch": batch, "sparsity": s, "union_density": union,
-                    "dense_us": t_dense * 1e6, "sparse_us": t_sparse * 1e6, "bytes_read": bytes_read,
-                    "gb_per_s": bytes_read / t_sparse / 1e9, "speedup": t_dense / t_sparse,
-                    "ideal": 1 / max(1e-9, 1 - s), "config": dataclasses.asdict(config),
+                    "dense_us": t_dense * 1e6, "dense_input_major_us": t_dense_im * 1e6,
+                    "default_us": t_default * 1e6, "sparse_us": t_best * 1e6, "bytes_read": bytes_read,
+                    "gb_per_s": bytes_read / t_best / 1e9, "speedup": t_dense / t_best,
+                    "speedup_default": t_dense / t_default, "ideal": 1 / max(1e-9, 1 - s),
+                    "config": dataclasses.asdict(best), "default_config": dataclasses.asdict(default),
                 })
-                print(f"{name} b={batch} s={s}: {t_sparse * 1e6:.1f} us (dense {t_dense * 1e6:.1f} us)",
-                      file=sys.stderr)
-        del weight, wt
-    meta = {**environment(device), "dtype": args.dtype,
+                print(f"{name} b={batch} s={s}: {t_best * 1e6:.1f} us (default {t_default * 1e6:.1f} us, "
+                      f"dense {t_dense * 1e6:.1f} us)", file=sys.stderr)
+    meta = {**environment(device), "dtype": args.dtype, "counted": True, "sweep": args.sweep,
             "copy_bandwidth_gb_per_s": bandwidth / 1e9, "rotate": args.rotate, "smoke": args.smoke}
     print_table(rows, meta)
     write_results(args.out, meta, rows)
@@ -146,24 +168,29 @@ def run(args: argparse.Namespace) -> list[dict]:
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; "
           f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s\n")
-    print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | sparse us | MB read | GB/s "
-          "| speedup | ideal | tiles (N, K, split) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | cuBLAS on W^T view us "
+          "| default tiles us | best us | MB read | GB/s (best) | speedup (best) | speedup (default) | ideal "
+          "| best tiles (N, K, split, warps) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        c = r["config"]
         print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.2f} | {r['union_density']:.2f} | "
-              f"{r['dense_us']:.1f} | {r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
-              f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | "
-              f"{r['config']['block_n']}, {r['config']['block_k']}, {r['config']['split_k']} |")
+              f"{r['dense_us']:.1f} | {r['dense_input_major_us']:.1f} | {r['default_us']:.1f} | "
+              f"{r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
+              f"{r['speedup']:.2f}x | {r['speedup_default']:.2f}x | {r['ideal']:.2f}x | "
+              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--shapes", default="all", help=f"all, or some of {','.join(SHAPES)} (comma-separated)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--sparsities", default="0,0.25,0.5,0.7,0.8,0.9,0.95")
     parser.add_argument("--rotate", type=int, default=8, help="distinct inputs cycled through")
-    parser.add_argument("--sweep", action="store_true", help="time tile/split candidates, use the fastest")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time tile/split candidates at s = 0.5 and 0.9; report the fastest beside the default")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         windows = heldout_windows(lm.tokenizer, Path(args.data), args.sequences, args.seqlen)
         results[name] = measure(lm, windows, rows)
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-    print(f"\nSmolLM2-135M-Instruct, {args.sequences} held-out windows x {args.seqlen} tokens of {Path(args.data).name}; "
+    print(f"\nSmolLM2-135M-Instruct, {args.sequences} held-out windows x {args.seqlen} tokens of "
+          f"{Path(args.data).name}; "
           "union over B different windows at the same position\n")
     print("| method | B | per-row sparsity | union sparsity (measured) | s^B estimate | weights a B-row launch skips "
           "| of them, on sites the policy keeps sparse | sites sent dense | of them union >= 5% "

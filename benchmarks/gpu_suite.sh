@@ -3,10 +3,13 @@
 #
 # On the development machine, once (the GPU image lacks lm-eval and pytest):
 #   bash ../shared/device/lm-eval-wheels.sh && bash benchmarks/gpu_suite.sh wheels
-# Then through the device tool (carry [".whl"]), for example:
-#   bash benchmarks/gpu_suite.sh env tests check        # GPU tests + the lm-eval kernel check
-#   bash benchmarks/gpu_suite.sh gemv                   # microbenchmark
-#   bash benchmarks/gpu_suite.sh decode prefill         # end-to-end decode, prefill masking
+# Then through the device tool (carry [".whl"]), one call each (each compiles with inductor; together
+# they could pass the 10-minute limit of a call):
+#   bash benchmarks/gpu_suite.sh env tests              # GPU kernel and generation tests (CUDA graphs)
+#   bash benchmarks/gpu_suite.sh check prefill          # the lm-eval kernel check, prefill masking
+#   bash benchmarks/gpu_suite.sh gemv                   # microbenchmark, Llama-3-8B shapes, with the sweep
+#   bash benchmarks/gpu_suite.sh gemv70                 # microbenchmark, the 70B shape
+#   bash benchmarks/gpu_suite.sh decode                 # end-to-end decode (DECODE_LEVELS=0.5,0.7 for a part)
 # Each step writes its log (and JSON) to $OUT (the device tool's output folder), else ./gpu_results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,15 +48,20 @@ for step in "$@"; do
       run_step check python3 benchmarks/lm_eval_kernel_check.py --out /tmp/kcheck ;;
     gemv)
       setup
-      run_step gemv python3 benchmarks/bench_gemv.py --sweep --out "$OUT/bench_gemv.json" ;;
+      run_step gemv python3 benchmarks/bench_gemv.py --sweep --shapes 8b-upgate,8b-down,8b-o,8b-qkv \
+        --out "$OUT/bench_gemv.json" ;;
+    gemv70)
+      setup
+      run_step gemv70 python3 benchmarks/bench_gemv.py --sweep --shapes 70b-up --out "$OUT/bench_gemv70.json" ;;
     decode)
       setup
-      run_step decode python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" ;;
+      run_step decode python3 benchmarks/bench_decode.py --levels "${DECODE_LEVELS:-0.25,0.4,0.5,0.7}" \
+        --out "$OUT/bench_decode.json" ;;
     prefill)
       setup
       run_step prefill python3 benchmarks/bench_prefill_mask.py --out "$OUT/bench_prefill_mask.json" ;;
     *)
-      echo "gpu_suite.sh: unknown step '$step' (wheels env tests check gemv decode prefill)" >&2
+      echo "gpu_suite.sh: unknown step '$step' (wheels env tests check gemv gemv70 decode prefill)" >&2
       exit 2 ;;
   esac
 done
