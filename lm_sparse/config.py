@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -175,6 +176,8 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
         raise SparsityArgumentError("sparse-hf: method= only applies together with ppl_p=P")
     if "teal_mode" in args:
         values["teal_mode"] = _as_choice("teal_mode", args["teal_mode"], TEAL_MODES)
+        if values.get("rule") != "teal":
+            raise SparsityArgumentError("sparse-hf: teal_mode= only applies to TEAL (teal=S or method=teal)")
     if "sparse_prefill" in args:
         values["sparse_prefill"] = _as_choice("sparse_prefill", args["sparse_prefill"], PREFILL_POLICIES)
     if "sparse_kernels" in args:
@@ -200,6 +203,12 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
             values[name] = text
     if "recalibrate" in args:
         values["recalibrate"] = _as_bool("recalibrate", args["recalibrate"])
+    if values.get("thresholds") is not None:
+        if values.get("recalibrate"):
+            raise SparsityArgumentError("sparse-hf: recalibrate=true and thresholds=FILE contradict each other "
+                                        "(a given file is used as it is): drop one of them")
+        if not Path(values["thresholds"]).expanduser().is_file():
+            raise SparsityArgumentError(f"sparse-hf: invalid thresholds={values['thresholds']!r}: no such file")
     calib_only = [k for k in ("calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds",
                               "recalibrate") if k in args]
     if calib_only and values.get("rule") not in ("pplp", "teal"):

@@ -179,9 +179,15 @@ class SparseHFLM(HFLM):
         return report
 
     def get_model_info(self) -> dict:
+        """HFLM's model info plus the sparsity report. lm-eval asks for it once per evaluation, after the
+        requests ran; the counts then restart, so an LM object reused for another `simple_evaluate` reports
+        that run alone (single process: under data parallelism only rank 0 is asked, and the ranks' counts
+        must stay in step, so there they keep adding up)."""
         info = super().get_model_info()
         info["sparsity"] = self.sparsity_report()
         _LAST_REPORT["report"] = info["sparsity"]
+        if int(self.world_size) == 1:
+            self.engine.reset()
         return info
 
 

@@ -198,6 +198,10 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); the cache may be shared: the permissions of a plain new file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -340,6 +344,11 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
     # hash is unknown here), and its token count and seed are the file's business.
     stored_params, params = _strip_sources(stored.get("params") or {}), _strip_sources(fields.get("params") or {})
     differing = sorted(k for k in set(stored_params) | set(params) if stored_params.get(k) != params.get(k))
+    if "ppl_p" in differing:  # the level itself: the report would label the file's thresholds with another p
+        raise SparsityArgumentError(
+            f"sparse-hf: thresholds={str(path)!r} was calibrated for ppl_p={stored_params.get('ppl_p')!r}, not "
+            f"ppl_p={params.get('ppl_p')!r}: pass ppl_p={stored_params.get('ppl_p')!r} with this file, or drop "
+            "thresholds= to calibrate")
     if differing:
         logger.warning("lm-sparse: thresholds=%s was calibrated with other settings (%s); using the file as given",
                        path, ", ".join(f"{k}={stored_params.get(k)!r}, not {params.get(k)!r}" for k in differing))

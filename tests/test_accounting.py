@@ -354,6 +354,9 @@ def test_sparse_hf_generate_until_counts_decode_tokens(lm_eval_setup):
     assert report["phases"]["prefill"]["tokens"] == lm.counted["prefill"]
     assert report["phases"]["decode"]["tokens"] == lm.counted["decode"]
     assert report["phases"]["decode"]["ffn"] == report["phases"]["prefill"]["ffn"] == 0.5
+    # the same LM object evaluated again (the README's "build the model yourself"): that run alone is reported
+    again = _evaluate(lm, tasks, "tiny_gen")["config"]["sparsity"]
+    assert again["phases"] == report["phases"]
 
 
 # -- dense sparse-hf is --model hf ------------------------------------------------------------------------

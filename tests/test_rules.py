@@ -86,6 +86,10 @@ BAD_ARGS = [
     ({"ppl_p": "-0.5"}, "ppl_p"),
     ({"topk": 0.5, "teal_greedy_steps": 40}, "teal_greedy_steps"),
     ({"teal": 0.5, "teal_greedy_tokens": 0}, "teal_greedy_tokens"),
+    ({"topk": 0.5, "teal_mode": "uniform"}, "teal_mode"),
+    ({"ppl_p": 1, "thresholds": "/nonexistent/thresholds.json"}, "thresholds"),
+    ({"ppl_p": 1, "thresholds": "thresholds/smollm2-135m-instruct-pplp-p1.json", "recalibrate": "true"},
+     "recalibrate=true and thresholds"),
 ]
 
 

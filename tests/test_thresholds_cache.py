@@ -119,7 +119,13 @@ def test_bad_cache_files_warn_and_recompute(cache, damage):
 def test_explicit_thresholds_file(cache, tmp_path, caplog):
     fields = _fields()
     out = tmp_path / "mine.json"
-    th.write_thresholds(out, fields, {"cett": 0.3}, {"layer0.down": torch.ones(8)})
+    umask = os.umask(0o022)
+    try:
+        th.write_thresholds(out, fields, {"cett": 0.3}, {"layer0.down": torch.ones(8)})
+    finally:
+        os.umask(umask)
+    # a plain file's permissions (a shared cache stays readable), not mkstemp's private 0600
+    assert {oct(f.stat().st_mode & 0o777) for f in (out, out.with_suffix(".safetensors"))} == {"0o644"}
     payload, _, path = th.load_or_compute(fields, _compute_factory([]), path=str(out), shipped_dir=cache)
     assert path == str(out) and payload["results"]["cett"] == 0.3
     # the text of an explicit file is not read (its hash is unknown): only other method settings warn
@@ -127,10 +133,14 @@ def test_explicit_thresholds_file(cache, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lm_sparse.thresholds"):
         th.load_or_compute(unread, _compute_factory([]), path=str(out), shipped_dir=cache)
         assert not caplog.records
-        th.load_or_compute({**unread, "params": {"ppl_p": 5.0}}, _compute_factory([]), path=str(out),
+        th.load_or_compute({**unread, "params": {"ppl_p": 1.0, "steps": 3}}, _compute_factory([]), path=str(out),
                            shipped_dir=cache)
     assert [r.getMessage() for r in caplog.records] == [
-        f"lm-sparse: thresholds={out} was calibrated with other settings (ppl_p=1.0, not 5.0); using the file as given"]
+        f"lm-sparse: thresholds={out} was calibrated with other settings (steps=None, not 3); using the file as given"]
+    # another level is an error: the report would label the file's thresholds ppl_p=5
+    with pytest.raises(SparsityArgumentError, match="calibrated for ppl_p=1.0, not ppl_p=5.0"):
+        th.load_or_compute({**unread, "params": {"ppl_p": 5.0}}, _compute_factory([]), path=str(out),
+                           shipped_dir=cache)
     with pytest.raises(SparsityArgumentError, match="another model"):
         th.load_or_compute(_fields("ccc"), _compute_factory([]), path=str(out), shipped_dir=cache)
     with pytest.raises(SparsityArgumentError, match="thresholds="):
