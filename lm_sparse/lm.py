@@ -186,6 +186,10 @@ class SparseHFLM(HFLM):
         info = super().get_model_info()
         info["sparsity"] = self.sparsity_report()
         _LAST_REPORT["report"] = info["sparsity"]
+        if not info["sparsity"].get("tokens") and not self.sparsity_config.is_dense:
+            from .report.summary import NOTHING_MEASURED
+
+            logger.warning("sparse-hf: %s", NOTHING_MEASURED)
         if int(self.world_size) == 1:
             self.engine.reset()
         return info

@@ -148,3 +148,12 @@ def test_cli_prints_table_and_fails_cleanly(sweep_dir: Path, tmp_path: Path, cap
     assert report_main([str(tmp_path / "missing")]) == 2
     with pytest.raises(ResultsError, match="no results_"):
         load_runs([tmp_path / "r"])
+
+
+def test_summary_warns_when_no_token_was_measured():
+    """lm_eval --use_cache can answer every request of a sparse run from a dense run's cache: say so."""
+    from lm_sparse.report.summary import NOTHING_MEASURED, format_summary
+
+    assert NOTHING_MEASURED in format_summary({"method": "topk", "label": "topk=0.5", "tokens": 0})
+    assert NOTHING_MEASURED not in format_summary({"method": "topk", "label": "topk=0.5", "tokens": 12, "ffn": 0.5})
+    assert NOTHING_MEASURED not in format_summary({"method": "dense", "label": "dense", "tokens": 0})

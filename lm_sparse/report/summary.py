@@ -37,4 +37,13 @@ def format_summary(report: dict[str, Any]) -> str:
             if vals:
                 lines.append(f"|{name}|{sum(vals) / len(vals):.4f}|{min(vals):.4f}|{max(vals):.4f}|"
                              f"{paths.get('prefill', '-')}|{paths.get('decode', '-')}|")
+    if not report.get("tokens") and report.get("method") not in (None, "dense"):
+        lines += ["", NOTHING_MEASURED]
     return "\n".join(lines)
+
+
+# lm-eval's --use_cache answers repeated requests from a cache keyed by the request alone, so a sparse run
+# after a dense one (or another level) with the same cache path silently returns the earlier answers.
+NOTHING_MEASURED = ("warning: no token went through the sparse model, so these results are not this setting's. "
+                    "With lm_eval --use_cache, answers come from a cache keyed by request only, not by sparsity "
+                    "settings: give each setting its own cache path.")
