@@ -113,6 +113,27 @@ class SparseHFLM(HFLM):
                     return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.sparsity_config.sparse_prefill != "last_half" or self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        # last_half needs each row's real length during the forward; HFLM right-pads the batch without an
+        # attention mask, and its pad_and_concat is where the lengths are known: record them on the way.
+        import lm_eval.models.huggingface as hf_module
+
+        pad_and_concat = hf_module.pad_and_concat
+
+        def recording(max_length: int, tensors: list, padding_side: str = "right"):
+            if padding_side == "right":
+                self.engine.set_row_lengths([len(t) for t in tensors])
+            return pad_and_concat(max_length, tensors, padding_side=padding_side)
+
+        hf_module.pad_and_concat = recording
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            hf_module.pad_and_concat = pad_and_concat
+            self.engine.set_row_lengths(None)
+
     def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None,
                           inplen: int | None = None) -> torch.Tensor:
         if self.backend == "causal" and inplen:

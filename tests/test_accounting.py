@@ -207,6 +207,31 @@ def test_sparse_prefill_last_half_sparsifies_only_the_second_half():
     assert report["ffn"] == (7 - half) * 32 / (7 * WIDTH)
 
 
+def test_last_half_cuts_each_row_at_half_its_real_length():
+    """Left-padded (attention mask) and right-padded (lengths from the LM) rows: each row's own second half."""
+    model = make_tiny_model("llama")
+    lengths = [6, 2, 5]
+    ids, mask = _left_padded(lengths)
+    engine = SparsityEngine(model, sparse_prefill="last_half")
+    engine.set_rules({s.index: TopK(0.5, s.in_features) for s in engine.sites_named("down")})
+    store: list[torch.Tensor] = []
+    with torch.no_grad(), engine.attached(), _record_down_inputs(model, store):
+        model(input_ids=ids, attention_mask=mask)
+    width = ids.shape[1]
+    for row, n in enumerate(lengths):  # real tokens at width-n .. width-1; sparse from width-n + n//2 on
+        cut = width - n + n // 2
+        for h in store:
+            assert ((h[row, cut:] == 0).sum(-1) == 32).all() and ((h[row, :cut] == 0).sum(-1) == 0).all()
+    right = torch.stack([r.roll(-(width - n)) for r, n in zip(ids, lengths)])
+    store.clear()
+    engine.set_row_lengths(lengths)
+    with torch.no_grad(), engine.attached(), engine.deferring(), _record_down_inputs(model, store):
+        model(right)
+    for row, n in enumerate(lengths):
+        for h in store:
+            assert ((h[row, n // 2:n] == 0).sum(-1) == 32).all() and ((h[row, :n // 2] == 0).sum(-1) == 0).all()
+
+
 def test_count_only_rule_changes_nothing():
     model = make_tiny_model("qwen3")
     ids = torch.randint(3, 128, (2, 5))
@@ -341,6 +366,22 @@ def test_sparse_hf_loglikelihood_counts_real_tokens(lm_eval_setup, monkeypatch):
         assert report["zeros"] == 32 * LAYERS * expected
     assert probes, "batch_size=auto ran no probe"
     assert reports[1] == reports[4] == reports["auto"]
+
+
+def test_last_half_prefill_does_not_depend_on_the_batch(lm_eval_setup):
+    """sparse_prefill=last_half cuts each request at half its own length, not the padded batch's: the same
+    log-likelihoods and sparsity at any batch size (it depended on the batch's longest row)."""
+    model_dir, tasks = lm_eval_setup
+    runs = {}
+    for batch_size in (1, 4):
+        out = _evaluate("sparse-hf", tasks, "tiny_mc", log_samples=True, batch_size=batch_size,
+                        model_args={"pretrained": model_dir, "topk": 0.3, "sparse_prefill": "last_half",
+                                    "device": "cpu"})
+        logprobs = [r[0][0] for s in out["samples"]["tiny_mc"] for r in s["resps"]]
+        runs[batch_size] = (logprobs, out["config"]["sparsity"])
+    (resps1, report1), (resps4, report4) = runs[1], runs[4]
+    assert resps1 == pytest.approx(resps4, abs=1e-4)  # float noise of other GEMM shapes only
+    assert report1["phases"] == report4["phases"] and 0 < report1["ffn"] < 0.7
 
 
 def test_sparse_hf_generate_until_counts_decode_tokens(lm_eval_setup):

@@ -80,7 +80,10 @@ class SparsityEngine:
         # per-forward state, set by the model-level pre-hook
         self._phase = PREFILL
         self._valid: torch.Tensor | None = None
+        self._half_cut: torch.Tensor | None = None  # sparse_prefill=last_half: first sparsified position per row
         self._records: dict[int, torch.Tensor] = {}
+        # Real lengths of the rows of the next right-padded forward (no attention mask), from the LM
+        self._next_row_lengths: list[int] | None = None
 
     # -- configuration --------------------------------------------------------------------------------
     def sites_named(self, *names: str) -> list[Site]:
@@ -96,6 +99,12 @@ class SparsityEngine:
     def count_natural_zeros(self) -> None:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
         self.set_rules({s.index: CountOnly() for s in self.sites_in_groups("mlp_mid")})
+
+    def set_row_lengths(self, lengths: list[int] | None) -> None:
+        """The real lengths of the rows of the next forward, which is right-padded without an attention mask
+        (lm-eval's loglikelihood batches): `sparse_prefill=last_half` then cuts each row at half its own length,
+        whatever the batch's padded length."""
+        self._next_row_lengths = None if lengths is None else [int(n) for n in lengths]
 
     def reset(self) -> None:
         """Zero the counts and forget the decode steps seen: the next report covers what runs from now on."""
@@ -153,7 +162,23 @@ class SparsityEngine:
             not_pad = ids != self.pad_token_id
             valid = not_pad if valid is None else valid & not_pad
         self._valid = valid
+        self._half_cut = None
+        lengths, self._next_row_lengths = self._next_row_lengths, None
+        if self.sparse_prefill == "last_half" and self._phase == PREFILL and isinstance(ref, torch.Tensor):
+            self._half_cut = self._last_half_cut(ref, seq_len, valid, lengths)
         self._records = {}
+
+    @staticmethod
+    def _last_half_cut(ref: torch.Tensor, seq_len: int, valid: torch.Tensor | None,
+                       lengths: list[int] | None) -> torch.Tensor | None:
+        """[B, 1] first position of each row's second half of real tokens (None: half the padded length)."""
+        if lengths is not None and len(lengths) == ref.shape[0]:  # right-padded: real tokens first
+            return (torch.tensor(lengths, device=ref.device) // 2).view(-1, 1)
+        if valid is not None:  # left- or right-padded with a mask: the real tokens are the valid ones
+            real = valid.sum(-1)
+            first = valid.int().argmax(-1)
+            return (first + real // 2).view(-1, 1)
+        return None
 
     def _model_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         records, self._records = self._records, {}
@@ -172,6 +197,9 @@ class SparsityEngine:
             return False
         seq = x.shape[-2]
         pos = torch.arange(seq, device=x.device)
+        cut = self._half_cut
+        if cut is not None and x.dim() == 3 and cut.shape[0] == x.shape[0]:
+            return (pos.view(1, seq) >= cut).view(x.shape[0], seq, 1)
         return (pos >= seq // 2).view(*([1] * (x.dim() - 2)), seq, 1)
 
     def _site_pre_hook(self, site: Site) -> Callable:
