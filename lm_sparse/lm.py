@@ -68,6 +68,33 @@ def _early_architecture_check(pretrained: Any, kwargs: dict[str, Any]) -> None:
     check_model_type(getattr(config, "model_type", None))
 
 
+def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, batch: int):
+    """lm-eval's stop-sequence criteria, answered per row instead of once for the batch.
+
+    lm-eval's criteria say "done" only when every row has met a stop sequence, so a row that finished early
+    goes on generating real tokens until the last one does: wasted work, and decode tokens the sparsity
+    report would count (their number then depended on the batch size). Answered per row, `generate` pads a
+    finished row, as after EOS, and the engine skips its padded steps. lm-eval cuts every answer at its
+    first stop sequence, so the answers do not change.
+    """
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    batch_level = stop_sequences_criteria(tokenizer, stop, initial_length, batch)
+
+    class PerRow(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for criterion in batch_level:
+                answer = criterion(input_ids, scores, **kwargs)
+                rows = getattr(criterion, "done_tracker", None)  # lm-eval's per-row record behind its answer
+                done |= torch.tensor(rows, device=done.device) if rows is not None else torch.as_tensor(
+                    answer, device=done.device).bool()
+            return done
+
+    return StoppingCriteriaList([PerRow()])
+
+
 @register_model("sparse-hf")
 class SparseHFLM(HFLM):
     """HFLM that sparsifies activations (Top-k, FAT, PPL-p%, TEAL) and reports the sparsity it measured."""
@@ -145,15 +172,20 @@ class SparseHFLM(HFLM):
             if self.engine.decode_executors and self._is_greedy(kwargs):
                 # Sparse kernels on CUDA: static KV cache + compiled decode step, so kernel time is not
                 # hidden behind Python overhead (lm_sparse/kernels/decode.py).
-                from lm_eval.models.utils_hf import stop_sequences_criteria
-
                 from .kernels.decode import generate_static
 
-                criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+                criteria = per_row_stop_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
                 return generate_static(self.model, context, kwargs.get("attention_mask"),
                                        max_length - context.shape[1], criteria, self.tokenizer.pad_token_id,
                                        None)
-            return super()._model_generate(context, max_length, stop, **kwargs)
+            import lm_eval.models.huggingface as hf_module
+
+            batch_stops = hf_module.stop_sequences_criteria
+            hf_module.stop_sequences_criteria = per_row_stop_criteria  # HFLM builds its criteria from this name
+            try:
+                return super()._model_generate(context, max_length, stop, **kwargs)
+            finally:
+                hf_module.stop_sequences_criteria = batch_stops
 
     @staticmethod
     def _is_greedy(kwargs: dict[str, Any]) -> bool:

@@ -265,6 +265,40 @@ def test_decode_executor_runs_in_decode_and_counts(policy):
     assert report["execution"]["down"]["decode"] == "sparse_kernel"
 
 
+def test_stop_sequences_finish_rows_one_by_one(tiny_tokenizer):
+    """With lm-eval's stop criteria a finished row kept generating (and counting decode tokens) until every
+    row was done; answered per row it is padded from its stop on, and the answers cut at the stop are equal."""
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+
+    from lm_sparse.lm import per_row_stop_criteria
+
+    model = make_tiny_model("llama")
+    ids, mask = _left_padded([5, 3, 4], seed=11)
+    prompt = ids.shape[1]
+    engine = SparsityEngine(model, pad_token_id=0)
+    engine.set_rules({s.index: TopK(0.5, s.in_features) for s in engine.sites_named("down")})
+    with torch.no_grad(), engine.attached():
+        free = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    free = free[:, prompt:].tolist()
+    # a word that some row generates at step 1 or 2 and another row never does
+    stop_id = next(t for row in free for t in row[1:3] if any(t not in other for other in free) and t != row[0])
+    stop = [tiny_tokenizer.decode([stop_id])]
+    runs = {}
+    for build in (stop_sequences_criteria, per_row_stop_criteria):
+        engine.reset()
+        with torch.no_grad(), engine.attached():
+            # generate pads finished rows only where an EOS id is known (as for any real model)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 eos_token_id=1, stopping_criteria=build(tiny_tokenizer, stop, prompt, ids.shape[0]))
+        engine.counter.synchronize()
+        texts = [tiny_tokenizer.decode(row[prompt:], skip_special_tokens=True).split(stop[0])[0] for row in out]
+        fed = int((out[:, prompt:-1] != 0).sum())  # decode steps feed the generated tokens but the last
+        runs[build.__name__] = (texts, engine.report()["phases"]["decode"]["tokens"], fed)
+    (batch_texts, batch_tokens, _), (row_texts, row_tokens, row_fed) = runs.values()
+    assert row_texts == batch_texts
+    assert row_tokens == row_fed < batch_tokens
+
+
 # -- sparse-hf through lm-eval ------------------------------------------------------------------------
 def write_tiny_tasks(folder) -> str:
     """Write tiny_mc (multiple choice; one- and two-token choices, a shared context) and tiny_gen."""
