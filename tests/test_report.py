@@ -11,7 +11,7 @@ import pytest
 
 from lm_sparse.report.cli import main as report_main
 from lm_sparse.report.cli import write_report
-from lm_sparse.report.table import ResultsError, leaderboard_rows, load_run, load_runs, main_score
+from lm_sparse.report.table import ResultsError, comparison_notes, leaderboard_rows, load_run, load_runs, main_score
 
 TASKS = ("task_a", "task_b")
 NUM_LAYERS = 4
@@ -41,7 +41,7 @@ def make_results(out_dir: Path, method: str = "dense", level: float | None = Non
         config["sparsity"] = {
             "method": method, "label": label, "params": {"rule": method, "level": level},
             "calibration": {"key": "abcdef0123456789ffff", "method": method} if method in ("pplp", "teal") else None,
-            "overall": sparsity, "ffn": sparsity, "attn": sparsity / 2 if per_matrix else 0.0,
+            "overall": sparsity, "ffn": sparsity, "attn": sparsity / 2 if per_matrix else None,
             "weights_skipped": sparsity, "tokens": 1000, "phases": {}, "per_layer": per_layer,
             "execution": {}, "num_layers": NUM_LAYERS, "activation": "silu", "sparse_prefill": "all",
             "lm_sparse_version": "0.1.0", "world_size": 1,
@@ -97,7 +97,7 @@ def test_leaderboard_rows_scores_deltas_and_sparsity(sweep_dir: Path):
     stderr = math.sqrt(0.6 * 0.4 / 99) * 100
     assert dense[3] == f"60.00 ± {stderr:.2f}"
     assert topk5[3].endswith("(-2.00)") and topk5[4].endswith("(+1.00)") and topk5[5] == "21.00 (+1.00)"
-    assert topk5[6:9] == ["0.500", "0.500", "0.000"]
+    assert topk5[6:9] == ["0.500", "0.500", "-"]  # attention inputs: nothing sparsified (None), not 0
     assert rows[1][-1] == "abcdef012345"  # the calibration identity
     assert dense[-1] == "-"
 
@@ -108,8 +108,20 @@ def test_newest_file_wins_for_the_same_run(tmp_path: Path):
     import os
 
     os.utime(old, (1, 1))
-    (run,) = load_runs([tmp_path])
+    left_out: list = []
+    (run,) = load_runs([tmp_path], left_out)
     assert run.path == new and run.scores["task_a"].value == 0.2
+    assert comparison_notes([run], left_out) == [f"left out {old}: an older run of org/tiny topk=0.5 ({new} is shown)"]
+
+
+def test_changes_from_dense_over_other_sample_counts_are_noted(tmp_path: Path):
+    make_results(tmp_path, "dense", n=20)
+    make_results(tmp_path, "topk", 0.5, n=8)
+    runs = load_runs([tmp_path])
+    notes = comparison_notes(runs)
+    assert "org/tiny topk=0.5: task_a ran 8 samples, the dense run 20" in notes[0] and len(notes) == 3
+    report = write_report([tmp_path], tmp_path / "out")
+    assert "Note: org/tiny topk=0.5: task_a ran 8 samples" in report.markdown
 
 
 def test_write_report_files_plots_and_self_contained_html(sweep_dir: Path, tmp_path: Path):

@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .table import ResultsError, Run, all_tasks, leaderboard_markdown, leaderboard_rows, load_runs, \
-    lower_is_better_columns
+from .table import ResultsError, Run, all_tasks, comparison_notes, leaderboard_markdown, leaderboard_rows, \
+    load_runs, lower_is_better_columns
 
 
 @dataclass
@@ -33,10 +33,11 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "lm-
     from .html import render_report
     from .plots import write_plots
 
-    runs = load_runs(list(paths))
+    left_out: list[tuple[Run, Run]] = []
+    runs = load_runs(list(paths), left_out)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = leaderboard_markdown(runs)
+    markdown = leaderboard_markdown(runs, comparison_notes(runs, left_out))
     md_path = out_dir / "leaderboard.md"
     md_path.write_text(f"# {title}\n\n{markdown}\n", encoding="utf-8")
     plots = write_plots(runs, all_tasks(runs), out_dir / "plots")

@@ -217,18 +217,46 @@ def find_results_files(paths: list[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
-    """Load every results file under `paths`; of repeated (model, method, level, calibration) keep the newest."""
+def load_runs(paths: list[str | os.PathLike], left_out: list[tuple[Run, Run]] | None = None) -> list[Run]:
+    """Load every results file under `paths`; of repeated (model, method, level, calibration) keep the newest.
+
+    `left_out`, when given, receives (older run, the newer run kept instead) for every run not kept.
+    """
     files = find_results_files(paths)
     if not files:
         raise ResultsError(f"no results_*.json files under {', '.join(map(str, paths))}")
     newest: dict[tuple, Run] = {}
+    dropped: list[Run] = []
     for f in files:
         run = load_run(f)
         old = newest.get(run.row_key)
         if old is None or run.date >= old.date:
             newest[run.row_key] = run
+            if old is not None:
+                dropped.append(old)
+        else:
+            dropped.append(run)
+    if left_out is not None:
+        left_out += [(run, newest[run.row_key]) for run in dropped]
     return sort_runs(list(newest.values()))
+
+
+def comparison_notes(runs: list[Run], left_out: list[tuple[Run, Run]] = ()) -> list[str]:
+    """What a reader of the leaderboard must know: runs left out, and changes from dense that compare
+    different numbers of samples (a different --limit)."""
+    notes = [f"left out {old.path}: an older run of {old.model} {old.label} ({new.path} is shown)"
+             for old, new in left_out]
+    for run in runs:
+        base = dense_baseline(runs, run.model)
+        if base is None or base is run:
+            continue
+        for task in run.scores:
+            mine = (run.n_samples.get(task) or {}).get("effective")
+            theirs = (base.n_samples.get(task) or {}).get("effective")
+            if mine is not None and theirs is not None and mine != theirs:
+                notes.append(f"{run.model} {run.label}: {task} ran {mine} samples, the dense run {theirs} "
+                             "(a different --limit?): its change from dense compares different samples")
+    return notes
 
 
 def sort_runs(runs: list[Run]) -> list[Run]:
@@ -266,6 +294,13 @@ def format_delta(score: Score | None, base: Score | None) -> str:
     return f"{delta:+.2f}"
 
 
+def _measured_cell(run: Run, scope: str) -> str:
+    """The measured sparsity, or '-' where the sparse run's report says nothing was sparsified (None)."""
+    if run.sparsity is not None and not run.is_dense and run.sparsity.get(scope) is None:
+        return "-"
+    return f"{run.measured(scope):.3f}"
+
+
 def leaderboard_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard: one row per run, score ± stderr (change from dense) per task."""
     tasks = all_tasks(runs)
@@ -285,7 +320,7 @@ def leaderboard_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                 delta = format_delta(score, base.scores.get(task))
                 cell += f" ({delta})" if delta else ""
             row.append(cell)
-        row += [f"{run.measured('overall'):.3f}", f"{run.measured('ffn'):.3f}", f"{run.measured('attn'):.3f}",
+        row += [_measured_cell(run, "overall"), _measured_cell(run, "ffn"), _measured_cell(run, "attn"),
                 run.calibration_id]
         rows.append(row)
     return header, rows
@@ -314,9 +349,10 @@ def markdown_table(header: list[str], rows: list[list[str]], text_columns: tuple
     return "\n".join(lines)
 
 
-def leaderboard_markdown(runs: list[Run]) -> str:
-    """The leaderboard as Markdown, with a legend line."""
+def leaderboard_markdown(runs: list[Run], notes: list[str] = ()) -> str:
+    """The leaderboard as Markdown, with a legend line and `notes` (see `comparison_notes`) below it."""
     header, rows = leaderboard_rows(runs)
     legend = ("Scores: accuracy-type metrics in %, ± one standard error, (change from the dense run of the "
-              "same model). sparsity/ffn/attn: measured fraction of zero activations entering the matrices.")
-    return markdown_table(header, rows) + "\n\n" + legend
+              "same model). sparsity/ffn/attn: measured fraction of zero activations entering the matrices "
+              "(- where the method sparsifies none of them).")
+    return markdown_table(header, rows) + "\n\n" + legend + "".join(f"\n\nNote: {n}" for n in notes)
