@@ -270,9 +270,18 @@ def _print_summary() -> None:
     print(format_summary(report), flush=True)
 
 
+def _prints_summary() -> bool:
+    """lm_eval and `lm-sparse eval` print the summary after lm-eval's table; `lm-sparse sweep`/`demo` run many
+    evaluations in one process and print their own tables (an exit-time one would repeat the last level)."""
+    if not _is_cli_run():
+        return False
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return prog not in ("lm-sparse", "lm_sparse") or (len(sys.argv) > 1 and sys.argv[1] == "eval")
+
+
 def _register_summary(lm: SparseHFLM) -> None:
     global _SUMMARY_REGISTERED
-    if _SUMMARY_REGISTERED or lm.rank != 0 or not _is_cli_run():
+    if _SUMMARY_REGISTERED or lm.rank != 0 or not _prints_summary():
         return
     _SUMMARY_REGISTERED = True
     atexit.register(_print_summary)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lm_sparse.testing import ACC, write_json_task
 
 ITEMS = [
@@ -59,3 +61,14 @@ def test_lm_sparse_eval_matches_lm_eval_arguments(tmp_path, smollm2_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sparse-hf: fat=0.05" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,prints", [
+    (["/venv/bin/lm_eval", "--model", "sparse-hf"], True), (["/venv/bin/lm-sparse", "eval"], True),
+    (["/venv/bin/lm-sparse", "sweep"], False), (["/venv/bin/lm-sparse", "demo"], False), (["pytest"], False)])
+def test_summary_printed_by_single_evaluations_only(monkeypatch, argv, prints):
+    """sweep and demo print their own tables; an exit-time summary would repeat the last level after them."""
+    from lm_sparse import lm
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert lm._prints_summary() is prints
