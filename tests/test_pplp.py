@@ -114,6 +114,15 @@ def test_cli_rejects_bad_ppl_p(capsys):
     assert calibrate_main(["--model", "x", "--out", "/tmp/never.json"]) == 2
 
 
+def test_calibrate_errors_name_the_command_line_flags():
+    from lm_sparse.calibrate.cli import command_line_wording
+
+    assert command_line_wording("sparse-hf: cannot load calib_data (default hf:x): offline; pass a local "
+                                ".txt/.jsonl file with calib_data=PATH") == (
+        "lm-sparse calibrate: cannot load calib_data (default hf:x): offline; pass a local .txt/.jsonl file with "
+        "--calib-data PATH")
+
+
 def test_sparse_hf_calibrates_once_then_loads_cache(tmp_path, monkeypatch, tiny_tokenizer_dir):
     from lm_sparse.lm import SparseHFLM
 

@@ -108,8 +108,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SparsityArgumentError("lm-sparse calibrate: --ppl-p P is required with --method pplp (P > 0)")
         return run_pplp(args)
     except SparsityArgumentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {command_line_wording(str(exc))}", file=sys.stderr)
         return 2
+
+
+def command_line_wording(message: str) -> str:
+    """An error worded for sparse-hf's model_args, in this command's terms: `--calib-data PATH`, not
+    `calib_data=PATH`."""
+    if message.startswith("sparse-hf: "):
+        message = "lm-sparse calibrate: " + message.removeprefix("sparse-hf: ")
+    for name in ("calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds", "ppl_p", "teal_mode",
+                 "teal_greedy_steps", "teal_greedy_tokens"):
+        message = message.replace(f"{name}=", f"--{name.replace('_', '-')} ")
+    return message
 
 
 if __name__ == "__main__":
