@@ -330,7 +330,14 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
     except ThresholdsFileError as exc:
         raise SparsityArgumentError(f"sparse-hf: invalid thresholds={str(path)!r}: {exc}") from None
     stored = payload["fields"]
-    if not _model_matches(stored.get("model", {}), fields.get("model", {})):
+    stored_model, model = stored.get("model", {}), fields.get("model", {})
+    if not _model_matches(stored_model, model) and _model_matches({**stored_model, "dtype": None},
+                                                                 {**model, "dtype": None}):
+        raise SparsityArgumentError(
+            f"sparse-hf: thresholds={str(path)!r} was calibrated for this model in {stored_model.get('dtype')}, "
+            f"not {model.get('dtype')} (activations, hence thresholds, depend on the dtype): load the model in "
+            f"{stored_model.get('dtype')}, or drop thresholds= to calibrate")
+    if not _model_matches(stored_model, model):
         raise SparsityArgumentError(
             f"sparse-hf: thresholds={str(path)!r} was calibrated for another model "
             f"({_describe_model(stored.get('model', {}))}), not this one ({_describe_model(fields.get('model', {}))})"

@@ -143,6 +143,9 @@ def test_explicit_thresholds_file(cache, tmp_path, caplog):
                            shipped_dir=cache)
     with pytest.raises(SparsityArgumentError, match="another model"):
         th.load_or_compute(_fields("ccc"), _compute_factory([]), path=str(out), shipped_dir=cache)
+    bf16 = {**fields, "model": {**fields["model"], "dtype": "bfloat16"}}
+    with pytest.raises(SparsityArgumentError, match="for this model in float32, not bfloat16"):
+        th.load_or_compute(bf16, _compute_factory([]), path=str(out), shipped_dir=cache)
     with pytest.raises(SparsityArgumentError, match="thresholds="):
         th.load_or_compute(fields, _compute_factory([]), path=str(tmp_path / "none.json"), shipped_dir=cache)
     out.with_suffix(".safetensors").write_bytes(b"garbage")
