@@ -16,6 +16,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without CUDA the kernel tests run in Triton's interpreter. TRITON_INTERPRET is read when a function is
+# decorated, triton.language's own helpers (tl.zeros...) included: it must be set before anything imports
+# triton, and some transformers releases (5.17) import it as they load, before the kernel tests' modules run.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from lm_sparse.testing import TINY_CONFIGS, make_tiny_model, save_tiny_model, save_word_tokenizer  # noqa: E402
 

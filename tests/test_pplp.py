@@ -110,7 +110,7 @@ def test_calibration_meets_ppl_target(name, p):
 
 def test_cli_rejects_bad_ppl_p(capsys):
     assert calibrate_main(["--model", "x", "--ppl-p", "0", "--out", "/tmp/never.json"]) == 2
-    assert "ppl_p" in capsys.readouterr().err
+    assert "invalid --ppl-p 0" in capsys.readouterr().err  # the flag, not the model_args name
     assert calibrate_main(["--model", "x", "--out", "/tmp/never.json"]) == 2
 
 
