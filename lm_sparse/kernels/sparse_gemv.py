@@ -52,6 +52,16 @@ def interpreting() -> bool:
 
 
 @triton.jit
+def _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT: tl.constexpr):
+    """The [BLOCK_B, BLOCK_K] tile of x (rows offs_b) with USE_DOT, else the [BLOCK_K] slice of its one row."""
+    if USE_DOT:
+        return tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                       other=0.0)
+    else:
+        return tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, wt_ptr, t_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
     B, K, N, stride_xb, stride_wk, stride_ob, k_per_split,
@@ -79,11 +89,7 @@ def _sparse_gemv_kernel(
     # weight rows load, so each step waits on one memory round trip (the rows depend on x), not two.
     offs_k = k_start + tl.arange(0, BLOCK_K)
     k_ok = offs_k < k_end
-    if USE_DOT:
-        x_next = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :],
-                         mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-    else:
-        x_next = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+    x_next = _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT)
     if T_PER_CHANNEL:
         t_next = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -92,11 +98,7 @@ def _sparse_gemv_kernel(
         x = x_next
         offs_k_next = offs_k + BLOCK_K
         k_next_ok = offs_k_next < k_end
-        if USE_DOT:
-            x_next = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k_next[None, :],
-                             mask=b_ok[:, None] & k_next_ok[None, :], other=0.0)
-        else:
-            x_next = tl.load(x_ptr + offs_k_next, mask=k_next_ok, other=0.0)
+        x_next = _load_x(x_ptr, offs_b, b_ok, offs_k_next, k_next_ok, stride_xb, USE_DOT)
         if T_PER_CHANNEL:
             t = t_next
             t_next = tl.load(t_ptr + offs_k_next, mask=k_next_ok, other=0.0)
