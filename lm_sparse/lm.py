@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from typing import Any
+from unittest import mock  # patch.object: swap an lm-eval module attribute for one call, always restored
 
 import torch
 from lm_eval.api.registry import register_model
@@ -154,11 +155,10 @@ class SparseHFLM(HFLM):
                 self.engine.set_row_lengths([len(t) for t in tensors])
             return pad_and_concat(max_length, tensors, padding_side=padding_side)
 
-        hf_module.pad_and_concat = recording
         try:
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            with mock.patch.object(hf_module, "pad_and_concat", recording):
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
-            hf_module.pad_and_concat = pad_and_concat
             self.engine.set_row_lengths(None)
 
     def _select_cont_toks(self, logits: torch.Tensor, contlen: int | None = None,
@@ -180,12 +180,9 @@ class SparseHFLM(HFLM):
                                        None)
             import lm_eval.models.huggingface as hf_module
 
-            batch_stops = hf_module.stop_sequences_criteria
-            hf_module.stop_sequences_criteria = per_row_stop_criteria  # HFLM builds its criteria from this name
-            try:
+            # HFLM builds its criteria from this name
+            with mock.patch.object(hf_module, "stop_sequences_criteria", per_row_stop_criteria):
                 return super()._model_generate(context, max_length, stop, **kwargs)
-            finally:
-                hf_module.stop_sequences_criteria = batch_stops
 
     @staticmethod
     def _is_greedy(kwargs: dict[str, Any]) -> bool:

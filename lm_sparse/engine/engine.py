@@ -165,11 +165,11 @@ class SparsityEngine:
         self._half_cut = None
         lengths, self._next_row_lengths = self._next_row_lengths, None
         if self.sparse_prefill == "last_half" and self._phase == PREFILL and isinstance(ref, torch.Tensor):
-            self._half_cut = self._last_half_cut(ref, seq_len, valid, lengths)
+            self._half_cut = self._last_half_cut(ref, valid, lengths)
         self._records = {}
 
     @staticmethod
-    def _last_half_cut(ref: torch.Tensor, seq_len: int, valid: torch.Tensor | None,
+    def _last_half_cut(ref: torch.Tensor, valid: torch.Tensor | None,
                        lengths: list[int] | None) -> torch.Tensor | None:
         """[B, 1] first position of each row's second half of real tokens (None: half the padded length)."""
         if lengths is not None and len(lengths) == ref.shape[0]:  # right-padded: real tokens first
