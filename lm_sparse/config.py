@@ -46,6 +46,27 @@ SPARSITY_ARGS: dict[str, str] = {
 }
 
 
+CALIB_SUFFIXES = (".jsonl", ".txt", ".text", ".md")
+
+
+def local_calib_path(calib_data: str) -> Path | None:
+    """The local file `calib_data` names (None for `hf:` specs); one error line if it is missing or not text."""
+    if calib_data.startswith("hf:"):
+        return None
+    path = Path(calib_data).expanduser()
+    if not path.is_file():
+        raise SparsityArgumentError(
+            f"sparse-hf: invalid calib_data={calib_data!r}: no such file "
+            "(expected a local .txt/.jsonl file or hf:dataset/config:split)"
+        )
+    if path.suffix.lower() not in CALIB_SUFFIXES:
+        raise SparsityArgumentError(
+            f"sparse-hf: invalid calib_data={calib_data!r}: expected a .txt or .jsonl file "
+            "or hf:dataset/config:split"
+        )
+    return path
+
+
 def _err(name: str, value: Any) -> SparsityArgumentError:
     return SparsityArgumentError(f"sparse-hf: invalid {name}={value!r}: expected {SPARSITY_ARGS[name]}")
 
@@ -73,7 +94,8 @@ def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
         raise _err(name, value)
     out = int(as_float)
     if minimum is not None and out < minimum:
-        raise _err(name, value)
+        # lm_eval's CLI hands `-5` over as -5.0: echo the integer the user wrote
+        raise _err(name, out)
     return out
 
 
@@ -209,6 +231,8 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
                                         "(a given file is used as it is): drop one of them")
         if not Path(values["thresholds"]).expanduser().is_file():
             raise SparsityArgumentError(f"sparse-hf: invalid thresholds={values['thresholds']!r}: no such file")
+    if values.get("calib_data") is not None:
+        local_calib_path(values["calib_data"])  # a missing file fails here, before the weights load
     calib_only = [k for k in ("calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds",
                               "recalibrate") if k in args]
     if calib_only and values.get("rule") not in ("pplp", "teal"):

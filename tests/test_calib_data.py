@@ -117,3 +117,27 @@ def test_shipped_excerpt_is_gsm8k_lines():
 
     texts, ident = load_texts(str(shipped_excerpt_path()))
     assert len(texts) == 250 and "\n" in texts[0] and ident["documents"] == 250
+
+
+def test_calib_data_file_checked_before_the_model_loads(tmp_path):
+    """parse_sparsity_args (run before any weight loads) rejects a missing or non-text calib_data file."""
+    from lm_sparse.config import parse_sparsity_args
+
+    with pytest.raises(SparsityArgumentError, match=r"calib_data=.*no such file"):
+        parse_sparsity_args({"ppl_p": 1, "calib_data": str(tmp_path / "missing.jsonl")})
+    other = tmp_path / "x.csv"
+    other.write_text("a,b")
+    with pytest.raises(SparsityArgumentError, match=r"expected a \.txt or \.jsonl"):
+        parse_sparsity_args({"teal": 0.5, "calib_data": str(other)})
+    good = tmp_path / "ok.txt"
+    good.write_text("some text")
+    assert parse_sparsity_args({"ppl_p": 1, "calib_data": str(good)}).calib_data == str(good)
+    assert parse_sparsity_args({"ppl_p": 1, "calib_data": "hf:wikitext/wikitext-2-raw-v1:train"}).calib_data
+
+
+def test_integer_errors_echo_the_integer_written():
+    """lm_eval's CLI hands `calib_tokens=-5` over as -5.0; the error shows -5."""
+    from lm_sparse.config import parse_sparsity_args
+
+    with pytest.raises(SparsityArgumentError, match=r"invalid calib_tokens=-5: "):
+        parse_sparsity_args({"ppl_p": 1, "calib_tokens": -5.0})

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import SparsityArgumentError
+from ..config import SparsityArgumentError, local_calib_path
 from ..models import env_flag_set
 
 DEFAULT_SEQLEN = 512
@@ -144,22 +144,8 @@ def load_texts(calib_data: str | None) -> tuple[list[str], dict]:
         texts = _load_hf(calib_data, default=False)
         source = calib_data
     else:
-        path = Path(calib_data).expanduser()
-        if not path.is_file():
-            raise SparsityArgumentError(
-                f"sparse-hf: invalid calib_data={calib_data!r}: no such file "
-                "(expected a local .txt/.jsonl file or hf:dataset/config:split)"
-            )
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            texts = _read_jsonl(path)
-        elif suffix in (".txt", ".text", ".md"):
-            texts = _read_txt(path)
-        else:
-            raise SparsityArgumentError(
-                f"sparse-hf: invalid calib_data={calib_data!r}: expected a .txt or .jsonl file "
-                "or hf:dataset/config:split"
-            )
+        path = local_calib_path(calib_data)
+        texts = _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_txt(path)
         source = str(path.resolve())
     if not texts:
         raise SparsityArgumentError(f"sparse-hf: invalid calib_data={calib_data!r}: it contains no text")
