@@ -168,7 +168,7 @@ def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_pt
     tl.store(out_ptr + (offs // N) * stride_ob + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _on_device(t: torch.Tensor):
+def launch_device(t: torch.Tensor):
     """The context that makes `t`'s GPU the current device for a Triton launch (nothing on other devices)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -228,7 +228,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
     bias_arg = bias if bias is not None else out
     zeros = torch.empty((split, B), device=x.device, dtype=torch.int64) if count_zeros else out
     counts = torch.empty(B, device=x.device, dtype=torch.int64) if count_zeros and split > 1 else zeros
-    with _on_device(x):  # Triton launches on the current device; a model split over GPUs has several
+    with launch_device(x):  # Triton launches on the current device; a model split over GPUs has several
         _sparse_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
             x, wt, threshold, bias_arg, out, partial, zeros,
             B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split,

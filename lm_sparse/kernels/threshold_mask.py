@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gemv import _on_device
+from .sparse_gemv import launch_device
 
 BLOCK = 1024
 
@@ -45,7 +45,7 @@ def threshold_mask_counted(x: torch.Tensor, threshold: torch.Tensor) -> tuple[to
     zeros = torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)
     if x.numel() > 0:
         k = x.shape[-1]
-        with _on_device(x):
+        with launch_device(x):
             _threshold_mask_kernel[(x.numel() // k, triton.cdiv(k, BLOCK))](
                 x, threshold, y, zeros, k, T_PER_CHANNEL=threshold.dim() == 1, BLOCK=BLOCK, num_warps=4)
     return y, zeros.long()
