@@ -45,11 +45,12 @@ def test_request_cache_is_per_level_and_per_model_args(tmp_path: Path):
     assert len({a, b, c}) == 3 and a.startswith(str(tmp_path / "topk-0.5"))
 
 
-def _fake_results(level_dir: Path, model_args: str, tasks: list[str]) -> Path:
-    out = level_dir / "m" / "results_2026.json"
+def _fake_results(level_dir: Path, model_args: str, tasks: list[str], eval_kwargs: dict) -> Path:
+    out = level_dir / "m" / f"results_{len(list(level_dir.rglob('results_*.json')))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": {t: {"acc,none": 0.5} for t in tasks},
-                               "config": {"model_args": model_args}}))
+                               "config": {"model_args": model_args,
+                                          sweep.SETTINGS_KEY: sweep.measured_settings(eval_kwargs)}}))
     return out
 
 
@@ -58,7 +59,7 @@ def test_finished_levels_are_skipped_and_changed_args_rerun(tmp_path: Path, monk
 
     def fake_evaluate(model, model_args, tasks, level_dir, include_path, eval_kwargs, use_cache):
         calls.append(model_args)
-        return _fake_results(level_dir, model_args, tasks)
+        return _fake_results(level_dir, model_args, tasks, eval_kwargs)
 
     monkeypatch.setattr(sweep, "evaluate_level", fake_evaluate)
     lines: list[str] = []
@@ -74,6 +75,26 @@ def test_finished_levels_are_skipped_and_changed_args_rerun(tmp_path: Path, monk
     assert calls[-1] == "pretrained=m,dtype=float32"  # other model arguments: not the finished level
     run_sweep("sparse-hf", "pretrained=m", levels[:1], ["t", "u"], tmp_path, log=lines.append)
     assert len(calls) == 5  # a task missing from the results file: run again
+    for kwargs in ({"limit": 4.0}, {"num_fewshot": 2}, {"limit": 4.0, "num_fewshot": 2}):
+        run_sweep("sparse-hf", "pretrained=m", levels[:1], ["t"], tmp_path, eval_kwargs=kwargs, log=lines.append)
+    assert len(calls) == 8  # another --limit or --num_fewshot measures something else: run again
+    run_sweep("sparse-hf", "pretrained=m", levels[:1], ["t"], tmp_path, eval_kwargs={"limit": 4.0},
+              log=lines.append)
+    assert len(calls) == 8 and "already done, skipped" in lines[-1]
+
+
+def test_include_path_naming_the_builtin_tasks_is_not_passed_twice(tmp_path: Path, monkeypatch):
+    seen = []
+
+    def fake_evaluate(model, model_args, tasks, level_dir, include_path, eval_kwargs, use_cache):
+        seen.append(include_path)
+        return _fake_results(level_dir, model_args, tasks, eval_kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_level", fake_evaluate)
+    builtin = sweep.builtin_tasks_dir()
+    run_sweep("sparse-hf", "pretrained=m", parse_levels([]), ["t"], tmp_path,
+              include_path=[str(builtin / "."), str(tmp_path)], log=lambda line: None)
+    assert seen == [[str(builtin), str(tmp_path)]]
 
 
 def test_real_sweep_on_a_tiny_model_resumes(tmp_path: Path, tiny_tokenizer_dir: Path, capsys):

@@ -81,7 +81,11 @@ def parse_levels(tokens: list[str], dense: bool = True) -> list[Level]:
         for value in (v.strip() for v in values.split(",")):
             if not value:
                 raise SparsityArgumentError(f"sweep: invalid --levels entry {token!r}: empty value")
-            parse_sparsity_args({key: value})  # one clear error line for an out-of-range level
+            try:
+                parse_sparsity_args({key: value})  # one clear error line for an out-of-range level
+            except SparsityArgumentError as exc:
+                reason = str(exc).removeprefix("sparse-hf: ")
+                raise SparsityArgumentError(f"sweep: invalid --levels entry {token!r}: {reason}") from None
             level = Level(f"{key}={value}", {key: value})
             if level not in levels:
                 levels.append(level)
@@ -121,14 +125,28 @@ def _same_model_args(recorded: Any, wanted: str) -> bool:
     return parse_model_args(str(recorded or "")) == parse_model_args(wanted)
 
 
-def finished_results(level_dir: Path, model_args: str, tasks: list[str]) -> Path | None:
-    """The newest results file under `level_dir` with these model arguments and every task; else None."""
+# eval settings that change what a level measures; a results file made under other values is not reused
+MEASURED_SETTINGS = ("limit", "num_fewshot")
+SETTINGS_KEY = "lm_sparse_sweep"  # where the sweep records them in the results file's config
+
+
+def measured_settings(eval_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The values of MEASURED_SETTINGS in `eval_kwargs` (None where absent), as the results file records them."""
+    return {name: eval_kwargs.get(name) for name in MEASURED_SETTINGS}
+
+
+def finished_results(level_dir: Path, model_args: str, tasks: list[str],
+                     settings: dict[str, Any] | None = None) -> Path | None:
+    """The newest results file under `level_dir` with these model arguments, every task and, where given,
+    the same measured settings (`--limit`, `--num_fewshot`); else None."""
     for path in sorted(level_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # a truncated file from an interrupted write: run the level again
         config = data.get("config") or {}
+        if settings is not None and config.get(SETTINGS_KEY) != settings:
+            continue
         if _same_model_args(config.get("model_args"), model_args) and all(
                 t in (data.get("results") or {}) for t in tasks):
             return path
@@ -162,8 +180,10 @@ def evaluate_level(model: str, model_args: str, tasks: list[str], level_dir: Pat
     )
     if results is None:  # non-zero ranks of a multi-process run
         return level_dir
+    settings = measured_settings(eval_kwargs)
+    results["config"][SETTINGS_KEY] = settings
     tracker.save_results_aggregated(results=results, samples=None)
-    found = finished_results(level_dir, model_args, tasks)
+    found = finished_results(level_dir, model_args, tasks, settings)
     if found is None:
         raise RuntimeError(f"sweep: lm-eval finished but wrote no results file under {level_dir}")
     return found
@@ -186,13 +206,16 @@ def run_sweep(model: str, model_args: str, levels: list[Level], tasks: list[str]
     """Evaluate every level (skipping finished ones); return where each level's results file is."""
     output_path = Path(output_path)
     base = parse_model_args(model_args)
-    paths = [str(builtin_tasks_dir()), *(include_path or [])]
+    builtin = builtin_tasks_dir()
+    # `--include_path tasks` in a checkout names the built-in folder again: lm-eval would warn per task
+    paths = [str(builtin), *(p for p in include_path or [] if Path(p).resolve() != builtin.resolve())]
     outcomes = []
     for i, level in enumerate(levels, 1):
         args = level_model_args(base, level)
         level_dir = output_path / level.slug
         prefix = f"[{i}/{len(levels)}] {level.label}"
-        done = finished_results(level_dir, args, tasks) if level_dir.is_dir() else None
+        settings = measured_settings(eval_kwargs or {})
+        done = finished_results(level_dir, args, tasks, settings) if level_dir.is_dir() else None
         if done is not None:
             log(f"{prefix}: already done, skipped ({done}) | {_one_line_summary(done)}")
             outcomes.append(LevelOutcome(level, done, True, 0.0))
