@@ -37,11 +37,21 @@ def build_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: Any =
 
 
 def describe_method(config: SparsityConfig, engine: SparsityEngine) -> str:
-    """A short human name for the method, for tables: 'topk=0.5', 'ppl_p=1', 'dense (relu)', ..."""
+    """A short human name for the method, for tables: 'topk=0.5', 'ppl_p=1', 'dense (relu)', ...
+
+    Settings that change what is measured are appended when not the default ('teal=0.5,teal_mode=uniform',
+    'topk=0.5,sparse_prefill=last_half'), so the report keeps such runs apart.
+    """
     if config.rule == "dense":
         return f"dense ({engine.activation})" if is_relu_family(engine.model.config) else "dense"
     if config.rule == "pplp":
-        return f"ppl_p={config.level:g}"
-    if config.rule == "teal" and config.method == "teal":
-        return f"teal ppl_p={config.level:g}"
-    return f"{config.rule}={config.level:g}"
+        name = f"ppl_p={config.level:g}"
+    elif config.rule == "teal" and config.method == "teal":
+        name = f"teal ppl_p={config.level:g}"
+    else:
+        name = f"{config.rule}={config.level:g}"
+    if config.rule == "teal" and config.teal_mode != SparsityConfig.teal_mode:
+        name += f",teal_mode={config.teal_mode}"
+    if config.sparse_prefill != SparsityConfig.sparse_prefill:
+        name += f",sparse_prefill={config.sparse_prefill}"
+    return name

@@ -458,3 +458,22 @@ def test_dense_sparse_hf_equals_hf_on_tiny_model(lm_eval_setup):
 
 def test_dense_sparse_hf_equals_hf_on_smollm2(lm_eval_setup, smollm2_dir):
     _assert_same_as_hf(str(smollm2_dir), lm_eval_setup[1], limit=3)
+
+
+def test_labels_keep_apart_settings_that_change_the_measurement():
+    """The report's row key includes the label: a non-default teal_mode or sparse_prefill must show in it."""
+    from lm_sparse.config import parse_sparsity_args
+    from lm_sparse.methods import describe_method
+
+    engine = SparsityEngine(make_tiny_model("llama"))
+
+    def label(args: dict) -> str:
+        return describe_method(parse_sparsity_args(args), engine)
+
+    assert label({"teal": 0.5}) == "teal=0.5"
+    assert label({"teal": 0.5, "teal_mode": "greedy"}) == "teal=0.5"
+    assert label({"teal": 0.5, "teal_mode": "uniform"}) == "teal=0.5,teal_mode=uniform"
+    assert label({"ppl_p": 1, "method": "teal", "teal_mode": "uniform"}) == "teal ppl_p=1,teal_mode=uniform"
+    assert label({"topk": 0.5, "sparse_prefill": "last_half"}) == "topk=0.5,sparse_prefill=last_half"
+    assert label({"ppl_p": 5, "sparse_prefill": "none"}) == "ppl_p=5,sparse_prefill=none"
+    assert label({}) == "dense"
