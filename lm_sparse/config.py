@@ -34,7 +34,8 @@ SPARSITY_ARGS: dict[str, str] = {
     "teal": "TEAL target model-wide sparsity, in [0, 1)",
     "teal_mode": f"TEAL allocation, one of {'|'.join(TEAL_MODES)} (default greedy)",
     "teal_greedy_steps": "TEAL greedy moves from 0 to 0.9 sparsity per layer, a positive integer",
-    "teal_greedy_tokens": "tokens each TEAL greedy block search runs on, a positive integer",
+    "teal_greedy_tokens": "tokens each TEAL greedy block search runs on (rounded up to whole windows), "
+                          "a positive integer",
     "sparse_prefill": f"which tokens of a multi-token forward are sparsified: {'|'.join(PREFILL_POLICIES)}",
     "calib_data": "calibration text: a local .txt/.jsonl file or hf:dataset/config:split",
     "calib_tokens": "number of calibration tokens, a positive integer",
@@ -144,9 +145,14 @@ class SparsityConfig:
         return self.rule in ("pplp", "teal")
 
     def params(self) -> dict[str, Any]:
-        """The arguments that define the sparsity, for the results file (calibration details excluded)."""
-        out = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
-        return out
+        """The arguments that apply to this rule, for the results file: calibration settings only for
+        calibrated rules, `teal_mode` only for TEAL, nothing unset."""
+        skip = {"extra"}
+        if not self.needs_calibration:
+            skip |= {"calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds", "recalibrate"}
+        if self.rule != "teal":
+            skip.add("teal_mode")
+        return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
 
 
 def split_sparsity_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -204,6 +210,10 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
         values["sparse_prefill"] = _as_choice("sparse_prefill", args["sparse_prefill"], PREFILL_POLICIES)
     if "sparse_kernels" in args:
         values["sparse_kernels"] = _as_choice("sparse_kernels", args["sparse_kernels"], KERNEL_MODES)
+        if values["sparse_kernels"] == "on" and values.get("rule", "dense") in ("dense", "topk"):
+            raise SparsityArgumentError(
+                "sparse-hf: sparse_kernels=on needs a threshold rule (ppl_p=P, teal=S or fat=E): "
+                f"{values.get('rule', 'dense')} runs have no sparse kernel; use sparse_kernels=auto or off")
     for name in ("calib_tokens", "calib_seqlen"):
         if args.get(name) is not None:
             values[name] = _as_int(name, args[name], minimum=1)
