@@ -27,6 +27,13 @@ from lm_sparse.testing import TINY_CONFIGS, make_tiny_model, save_tiny_model, sa
 __all__ = ["TINY_CONFIGS", "make_tiny_model", "save_tiny_model"]  # tests import these from conftest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests on the real SmolLM2 checkpoint are `slow` (`make test-fast` leaves them out)."""
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_model_name(request) -> str:
     return request.param
