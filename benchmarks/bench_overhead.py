@@ -6,8 +6,8 @@ its own process (so peak RSS is its own), the configurations alternate, and ever
 table gives the median wall time of `simple_evaluate` and the peak resident memory.
 
 Children run with MALLOC_MMAP_THRESHOLD_=131072 (all configurations alike): with glibc's default, the mmap
-threshold grows after large frees and peak RSS then measures heap fragmentation, which varied by up to 15%
-between identical runs here; a fixed threshold makes peak RSS track the memory actually in use.
+threshold grows after large frees and peak RSS then measures heap fragmentation, which varied by 8% between
+identical runs here (BENCHMARKS.md); a fixed threshold makes peak RSS track the memory actually in use.
 `--malloc-default` keeps glibc's default.
 
     python benchmarks/bench_overhead.py --data ../shared/data/gsm8k_train.jsonl --requests 200 --repeats 3
