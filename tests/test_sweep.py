@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,14 +55,22 @@ def _fake_results(level_dir: Path, model_args: str, tasks: list[str], eval_kwarg
     return out
 
 
-def test_finished_levels_are_skipped_and_changed_args_rerun(tmp_path: Path, monkeypatch):
-    calls = []
+@pytest.fixture
+def evaluated(monkeypatch) -> SimpleNamespace:
+    """model_args and include_path of every level the sweep evaluates; lm-eval replaced by a fake results file."""
+    seen = SimpleNamespace(model_args=[], include_paths=[])
 
     def fake_evaluate(model, model_args, tasks, level_dir, include_path, eval_kwargs, use_cache):
-        calls.append(model_args)
+        seen.model_args.append(model_args)
+        seen.include_paths.append(include_path)
         return _fake_results(level_dir, model_args, tasks, eval_kwargs)
 
     monkeypatch.setattr(sweep, "evaluate_level", fake_evaluate)
+    return seen
+
+
+def test_finished_levels_are_skipped_and_changed_args_rerun(tmp_path: Path, evaluated):
+    calls = evaluated.model_args
     lines: list[str] = []
     levels = parse_levels(["topk=0.5,0.3"])
     run_sweep("sparse-hf", "pretrained=m", levels, ["t"], tmp_path, log=lines.append)
@@ -83,18 +92,11 @@ def test_finished_levels_are_skipped_and_changed_args_rerun(tmp_path: Path, monk
     assert len(calls) == 8 and "already done, skipped" in lines[-1]
 
 
-def test_include_path_naming_the_builtin_tasks_is_not_passed_twice(tmp_path: Path, monkeypatch):
-    seen = []
-
-    def fake_evaluate(model, model_args, tasks, level_dir, include_path, eval_kwargs, use_cache):
-        seen.append(include_path)
-        return _fake_results(level_dir, model_args, tasks, eval_kwargs)
-
-    monkeypatch.setattr(sweep, "evaluate_level", fake_evaluate)
+def test_include_path_naming_the_builtin_tasks_is_not_passed_twice(tmp_path: Path, evaluated):
     builtin = sweep.builtin_tasks_dir()
     run_sweep("sparse-hf", "pretrained=m", parse_levels([]), ["t"], tmp_path,
               include_path=[str(builtin / "."), str(tmp_path)], log=lambda line: None)
-    assert seen == [[str(builtin), str(tmp_path)]]
+    assert evaluated.include_paths == [[str(builtin), str(tmp_path)]]
 
 
 def test_real_sweep_on_a_tiny_model_resumes(tmp_path: Path, tiny_tokenizer_dir: Path, capsys):
