@@ -47,6 +47,8 @@ SPARSITY_ARGS: dict[str, str] = {
 }
 
 
+# Arguments that only apply to calibrated rules (ppl_p=P or teal=S).
+CALIBRATION_ARGS = ("calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds", "recalibrate")
 CALIB_SUFFIXES = (".jsonl", ".txt", ".text", ".md")
 
 
@@ -149,7 +151,7 @@ class SparsityConfig:
         calibrated rules, `teal_mode` only for TEAL, nothing unset."""
         skip = {"extra"}
         if not self.needs_calibration:
-            skip |= {"calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds", "recalibrate"}
+            skip.update(CALIBRATION_ARGS)
         if self.rule != "teal":
             skip.add("teal_mode")
         return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
@@ -243,8 +245,7 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
             raise SparsityArgumentError(f"sparse-hf: invalid thresholds={values['thresholds']!r}: no such file")
     if values.get("calib_data") is not None:
         local_calib_path(values["calib_data"])  # a missing file fails here, before the weights load
-    calib_only = [k for k in ("calib_data", "calib_tokens", "calib_seqlen", "calib_seed", "thresholds",
-                              "recalibrate") if k in args]
+    calib_only = [k for k in CALIBRATION_ARGS if k in args]
     if calib_only and values.get("rule") not in ("pplp", "teal"):
         raise SparsityArgumentError(
             f"sparse-hf: {calib_only[0]}= only applies to calibrated rules (ppl_p=P or teal=S)"

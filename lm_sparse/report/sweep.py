@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RULE_ARGS, SparsityArgumentError, parse_sparsity_args
+from ..config import CALIBRATION_ARGS as CALIBRATED_ONLY, RULE_ARGS, SparsityArgumentError, parse_sparsity_args
 
 
 # sparse-hf arguments that only make sense with a calibrated rule (ppl_p=P or teal=S).
-CALIBRATION_ARGS = frozenset({"method", "teal_mode", "calib_data", "calib_tokens", "calib_seqlen", "calib_seed",
-                              "thresholds", "recalibrate"})
+CALIBRATION_ARGS = frozenset({"method", "teal_mode", *CALIBRATED_ONLY})
 
 
 @dataclass(frozen=True)
@@ -206,6 +205,7 @@ def run_sweep(model: str, model_args: str, levels: list[Level], tasks: list[str]
     """Evaluate every level (skipping finished ones); return where each level's results file is."""
     output_path = Path(output_path)
     base = parse_model_args(model_args)
+    settings = measured_settings(eval_kwargs or {})
     builtin = builtin_tasks_dir()
     # `--include_path tasks` in a checkout names the built-in folder again: lm-eval would warn per task
     paths = [str(builtin), *(p for p in include_path or [] if Path(p).resolve() != builtin.resolve())]
@@ -214,7 +214,6 @@ def run_sweep(model: str, model_args: str, levels: list[Level], tasks: list[str]
         args = level_model_args(base, level)
         level_dir = output_path / level.slug
         prefix = f"[{i}/{len(levels)}] {level.label}"
-        settings = measured_settings(eval_kwargs or {})
         done = finished_results(level_dir, args, tasks, settings) if level_dir.is_dir() else None
         if done is not None:
             log(f"{prefix}: already done, skipped ({done}) | {_one_line_summary(done)}")
