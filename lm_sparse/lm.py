@@ -18,6 +18,7 @@ from typing import Any
 from unittest import mock  # patch.object: swap an lm-eval module attribute for one call, always restored
 
 import torch
+import lm_eval.models.huggingface as hf_module  # HFLM's module: some of its names are swapped per call
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -146,8 +147,6 @@ class SparseHFLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         # last_half needs each row's real length during the forward; HFLM right-pads the batch without an
         # attention mask, and its pad_and_concat is where the lengths are known: record them on the way.
-        import lm_eval.models.huggingface as hf_module
-
         pad_and_concat = hf_module.pad_and_concat
 
         def recording(max_length: int, tensors: list, padding_side: str = "right"):
@@ -178,8 +177,6 @@ class SparseHFLM(HFLM):
                 return generate_static(self.model, context, kwargs.get("attention_mask"),
                                        max_length - context.shape[1], criteria, self.tokenizer.pad_token_id,
                                        None)
-            import lm_eval.models.huggingface as hf_module
-
             # HFLM builds its criteria from this name
             with mock.patch.object(hf_module, "stop_sequences_criteria", per_row_stop_criteria):
                 return super()._model_generate(context, max_length, stop, **kwargs)
