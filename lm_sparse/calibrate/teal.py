@@ -333,9 +333,8 @@ def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tens
     `sparse_prefill` policy. `dense_ppl`: the dense perplexity of `windows`, when already measured.
     """
     model = engine.model
-    ids = windows
-    batch = max(1, TOKENS_PER_FORWARD[_device_kind(model)] // ids.shape[1])
-    dense = perplexity(model, ids, batch_size=batch) if dense_ppl is None else dense_ppl
+    batch = max(1, TOKENS_PER_FORWARD[_device_kind(model)] // windows.shape[1])
+    dense = perplexity(model, windows, batch_size=batch) if dense_ppl is None else dense_ppl
     top = 0.99 if mode == "uniform" else float(lookup.greedy_effective[:, -1].min())  # type: ignore[index]
     grid = [round(k * LEVEL_GRID, 6) for k in range(int(top / LEVEL_GRID + 1e-9) + 1)]
     budget = 1.0 + ppl_p / 100.0
@@ -348,7 +347,7 @@ def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tens
                 mid = (lo + hi + 1) // 2
                 engine.set_rules(lookup.rules(engine.sites, grid[mid], mode)[0])
                 with engine.paused(), engine.attached():
-                    ratio = perplexity(model, ids, batch_size=batch) / dense
+                    ratio = perplexity(model, windows, batch_size=batch) / dense
                 probes.append({"level": grid[mid], "ppl_ratio": ratio})
                 bar.update(1)
                 if ratio <= budget:
@@ -357,7 +356,7 @@ def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tens
                     hi = mid - 1
     finally:
         engine.set_rules(previous)
-    return grid[lo], [{"dense_ppl": dense, "tokens": int(ids.numel())}, *probes]
+    return grid[lo], [{"dense_ppl": dense, "tokens": int(windows.numel())}, *probes]
 
 
 # -- entry points ----------------------------------------------------------------------------------------------
