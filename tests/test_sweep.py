@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import save_tiny_model
-from lm_sparse.config import SparsityArgumentError
+from lm_sparse.config import SparsityArgumentError, parse_sparsity_args
 from lm_sparse.report import sweep
-from lm_sparse.report.sweep import Level, level_model_args, parse_levels, request_cache_path, run_sweep
+from lm_sparse.report.sweep import (Level, level_model_args, parse_levels, parse_model_args, request_cache_path,
+                                    run_sweep)
 
 
 def test_parse_levels_expands_values_and_puts_dense_first():
@@ -37,6 +38,24 @@ def test_calibration_arguments_go_to_calibrated_levels_only():
         "pretrained=m,calib_data=c.txt,method=pplp,ppl_p=1"
     with pytest.raises(SparsityArgumentError, match="in --levels"):
         level_model_args({"pretrained": "m", "topk": "0.5"}, Level("dense"))
+
+
+@pytest.mark.parametrize("method", [None, "pplp", "teal"])
+def test_teal_settings_go_to_teal_levels_only(method):
+    """teal_mode and the greedy settings reach teal levels, and ppl_p levels only when method=teal."""
+    base = {"pretrained": "m", "teal_mode": "greedy", "teal_greedy_steps": "4", "teal_greedy_tokens": "512"}
+    if method:
+        base["method"] = method
+    teal_settings = {k: v for k, v in base.items() if k.startswith("teal_")}
+    levels = [Level("dense"), Level("topk=0.5", {"topk": "0.5"}), Level("fat=0.1", {"fat": "0.1"}),
+              Level("teal=0.4", {"teal": "0.4"}), Level("ppl_p=1", {"ppl_p": "1"})]
+    for level in levels:
+        args = parse_model_args(level_model_args(base, level))
+        passed = {k: v for k, v in args.items() if k.startswith("teal_")}
+        to_teal = "teal" in level.args or ("ppl_p" in level.args and method == "teal")
+        assert passed == (teal_settings if to_teal else {}), level.label
+        # what the level hands to sparse-hf is a valid combination
+        parse_sparsity_args({k: v for k, v in args.items() if k != "pretrained"})
 
 
 def test_request_cache_is_per_level_and_per_model_args(tmp_path: Path):

@@ -27,8 +27,10 @@ from typing import Any
 from ..config import CALIBRATION_ARGS as CALIBRATED_ONLY, RULE_ARGS, SparsityArgumentError, parse_sparsity_args
 
 
+# TEAL's own settings: sparse-hf takes them with teal=S, or with ppl_p=P when method=teal.
+TEAL_ARGS = frozenset({"teal_mode", "teal_greedy_steps", "teal_greedy_tokens"})
 # sparse-hf arguments that only make sense with a calibrated rule (ppl_p=P or teal=S).
-CALIBRATION_ARGS = frozenset({"method", "teal_mode", *CALIBRATED_ONLY})
+CALIBRATION_ARGS = frozenset({"method", *TEAL_ARGS, *CALIBRATED_ONLY})
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,10 @@ def level_model_args(base: dict[str, str], level: Level) -> str:
     if clash:
         raise SparsityArgumentError(f"sweep: put {clash[0]}= in --levels, not in --model_args")
     # Calibration arguments in --model_args apply to the calibrated levels only (sparse-hf rejects them
-    # elsewhere): ppl_p takes all of them, teal all but method=, the others none.
-    calibrated = {"ppl_p": CALIBRATION_ARGS, "teal": CALIBRATION_ARGS - {"method"}}
+    # elsewhere): teal takes all but method=, ppl_p all but TEAL's own unless method=teal, the others none.
+    teal_method = base.get("method", "").strip().lower() == "teal"
+    calibrated = {"ppl_p": CALIBRATION_ARGS if teal_method else CALIBRATION_ARGS - TEAL_ARGS,
+                  "teal": CALIBRATION_ARGS - {"method"}}
     allowed = next((calibrated[k] for k in level.args if k in calibrated), frozenset())
     shared = {k: v for k, v in base.items() if k not in CALIBRATION_ARGS or k in allowed}
     merged = {**shared, **level.args}
