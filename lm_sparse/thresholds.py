@@ -22,7 +22,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -291,7 +290,8 @@ def _model_matches(stored: dict, current: dict) -> bool:
 
 # -- lookup --------------------------------------------------------------------------------------------
 def _warn(message: str) -> None:
-    warnings.warn(f"lm-sparse: {message}", stacklevel=3)
+    # a log line, like lm-eval's own warnings: Python's warnings module would add a second line of source
+    logger.warning(f"lm-sparse: {message}")
 
 
 def _try_load(path: Path, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:

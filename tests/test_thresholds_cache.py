@@ -90,7 +90,7 @@ def test_round_trip_and_shipped_lookup(cache):
 
 
 @pytest.mark.parametrize("damage", ["tensors", "truncated", "fields", "version", "other_model"])
-def test_bad_cache_files_warn_and_recompute(cache, damage):
+def test_bad_cache_files_warn_and_recompute(cache, damage, caplog):
     calls: list = []
     fields = _fields()
     _, _, path = th.load_or_compute(fields, _compute_factory(calls), shipped_dir=cache)
@@ -110,8 +110,10 @@ def test_bad_cache_files_warn_and_recompute(cache, damage):
         path.write_text(json.dumps(payload))
     else:  # a consistent file of another model under this key's name
         th.write_thresholds(path, _fields("bbb"), {"cett": 9}, {"layer0.down": torch.ones(8)})
-    with pytest.warns(UserWarning, match="lm-sparse: ignoring thresholds file"):
+    with caplog.at_level(logging.WARNING, logger="lm_sparse.thresholds"):
         payload2, tensors, _ = th.load_or_compute(fields, _compute_factory(calls, 2.5), shipped_dir=cache)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("lm-sparse: ignoring thresholds file") and "\n" not in warned[0]
     assert calls == [1, 1] and float(tensors["layer0.down"][0]) == 2.5
     assert th.read_thresholds(path)[0]["key"] == th.cache_key(fields)
 
