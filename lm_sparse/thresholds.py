@@ -1,9 +1,10 @@
 """The threshold cache shared by PPL-p% and TEAL: one JSON + safetensors pair per calibration.
 
 A calibration is identified by a key, the sha256 of the canonical JSON of everything that determines its
-result (model identity, dtype, method and parameters, data identity, token count, sequence length, seed,
-format version, lm-sparse version). Fields named `source` say where something was read from and are kept
-in the file but left out of the key: the same weights or the same text at another path hit the same entry.
+result (the model's identity from `identity.model_identity`: weights, config, tokenizer, adapters, dtype;
+method and parameters, data identity, token count, sequence length, seed, format version, lm-sparse
+version). Fields named `source` say where something was read from and are kept in the file but left out
+of the key: the same weights or the same text at another path hit the same entry.
 
 Files: `<method>-<key[:16]>.json` (human-readable: key fields, measured results, sha256 of the tensors)
 and `<method>-<key[:16]>.safetensors` (the threshold vectors). Lookup order in `load_or_compute`:
@@ -31,7 +32,7 @@ import torch
 
 from . import __version__
 from .config import SparsityArgumentError
-from .models import cache_root, env_flag_set, file_sha256
+from .models import cache_root, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -39,112 +40,10 @@ FORMAT_VERSION = 1
 _REPO_SHIPPED = Path(__file__).resolve().parent.parent / "thresholds"
 _INSTALLED_SHIPPED = Path(__file__).resolve().parent / "data" / "thresholds"
 SHIPPED_DIRS = (_REPO_SHIPPED, _INSTALLED_SHIPPED)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-FULL_HASH_LIMIT = 1 << 30  # above 1 GiB of weights, hash names, sizes and the first/last MiB of each file
-_MIB = 1 << 20
 
 
 class ThresholdsFileError(ValueError):
     """A thresholds file is unreadable, inconsistent, or not for this model/method."""
-
-
-# -- identities ---------------------------------------------------------------------------------------
-def _hash_files(files: list[Path]) -> tuple[str, str]:
-    total = sum(f.stat().st_size for f in files)
-    sampled = total > FULL_HASH_LIMIT
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if not sampled or size <= 2 * _MIB:
-                while block := fh.read(8 * _MIB):
-                    h.update(block)
-            else:
-                h.update(fh.read(_MIB))
-                fh.seek(size - _MIB)
-                h.update(fh.read(_MIB))
-    return h.hexdigest(), ("names+sizes+first/last MiB" if sampled else "full")
-
-
-def _hash_parameters(model: torch.nn.Module) -> tuple[str, str]:
-    h = hashlib.sha256()
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    sampled = total > FULL_HASH_LIMIT
-    for name, p in model.state_dict().items():
-        t = p.detach().reshape(-1)
-        h.update(f"{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
-        if sampled and t.numel() > 2 * 65536:  # sample on the device: only the sample goes to the host
-            t = torch.cat([t[:65536], t[-65536:]])
-        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest(), ("names+shapes+first/last 64k values" if sampled else "full")
-
-
-def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit of `repo_id@revision`: from the local HF cache first (no network), else the Hub (5 s)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=True)
-        return Path(snapshot).name
-    except Exception:
-        pass
-    if env_flag_set("HF_HUB_OFFLINE"):
-        return None
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().model_info(repo_id, revision=revision, timeout=5).sha
-    except Exception:
-        return None
-
-
-def _num_layers(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "num_hidden_layers", None)
-
-
-def model_identity(model: torch.nn.Module, pretrained: Any = None, revision: str | None = None) -> dict:
-    """What identifies the weights: hub id + commit, else a sha256 of the local weight files or parameters.
-
-    Never blocks offline: the commit comes from the local HF cache, the Hub is asked only when
-    HF_HUB_OFFLINE is not set (5 s timeout). Above 1 GiB of weights the hash covers names, sizes and the
-    first/last MiB of each file (`hash_mode` says which). `source` (a local path) is not part of the key.
-    """
-    out: dict[str, Any] = {}
-    local = isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).expanduser().is_dir()
-    if local:
-        directory = Path(pretrained).expanduser().resolve()
-        files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-        if files:
-            digest, mode = _hash_files(files)
-            out.update(weights_sha256=digest, hash_mode=mode, source=str(directory))
-    elif isinstance(pretrained, str) and pretrained:
-        commit = _hub_commit(pretrained, revision)
-        if commit is not None:
-            out.update(hub_id=pretrained, commit=commit)
-    if "weights_sha256" not in out and "commit" not in out:
-        digest, mode = _hash_parameters(model)
-        out.update(params_sha256=digest, hash_mode=mode)
-        if pretrained is not None and not isinstance(pretrained, torch.nn.Module):
-            out["source"] = str(pretrained)
-    config = getattr(model, "config", None)
-    dtype = next(model.parameters()).dtype
-    out.update(model_type=getattr(config, "model_type", None), num_layers=_num_layers(model),
-               dtype=str(dtype).replace("torch.", ""))
-    return out
-
-
-def lm_model_identity(model: torch.nn.Module, lm: Any = None) -> dict:
-    """`model_identity` of a model an lm-eval LM loaded (its `pretrained` and `revision`); without one, the
-    name transformers recorded in the model's config. Every method keys a model this same way."""
-    pretrained = getattr(lm, "pretrained", None)
-    if pretrained is None:
-        pretrained = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return model_identity(model, pretrained, getattr(lm, "revision", None))
 
 
 def _strip_sources(value: Any) -> Any:
@@ -338,9 +237,12 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
             f"not {model.get('dtype')} (activations, hence thresholds, depend on the dtype): load the model in "
             f"{stored_model.get('dtype')}, or drop thresholds= to calibrate")
     if not _model_matches(stored_model, model):
+        a, b = _strip_sources(stored_model), _strip_sources(model)
+        differing = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise SparsityArgumentError(
             f"sparse-hf: thresholds={str(path)!r} was calibrated for another model "
-            f"({_describe_model(stored.get('model', {}))}), not this one ({_describe_model(fields.get('model', {}))})"
+            f"({_describe_model(stored_model)}), not this one ({_describe_model(model)}); "
+            f"they differ in {', '.join(differing)}"
         )
     if stored.get("method") != fields.get("method"):
         raise SparsityArgumentError(
@@ -348,9 +250,11 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
             f"not {fields.get('method')}"
         )
     # Only the method's settings are compared: the calibration text is not read for an explicit file (its
-    # hash is unknown here), and its token count and seed are the file's business.
+    # hash is unknown here), and its token counts (those derived from calib_tokens too) and seed are the
+    # file's business.
     stored_params, params = _strip_sources(stored.get("params") or {}), _strip_sources(fields.get("params") or {})
-    differing = sorted(k for k in set(stored_params) | set(params) if stored_params.get(k) != params.get(k))
+    differing = sorted(k for k in set(stored_params) | set(params)
+                       if stored_params.get(k) != params.get(k) and not k.endswith(("_tokens", "_seqlen")))
     if "ppl_p" in differing:  # the level itself: the report would label the file's thresholds with another p
         raise SparsityArgumentError(
             f"sparse-hf: thresholds={str(path)!r} was calibrated for ppl_p={stored_params.get('ppl_p')!r}, not "
@@ -416,6 +320,20 @@ def _lookup_or_compute(fields: dict, key: str, compute: Callable, recalibrate: b
         return payload, {k: v.detach().cpu() for k, v in tensors.items()}, str(target)
 
 
+def _as_dirs(shipped_dir: Path | tuple[Path, ...] | None) -> tuple[Path, ...]:
+    if shipped_dir is None:
+        return SHIPPED_DIRS
+    return (Path(shipped_dir),) if isinstance(shipped_dir, (str, Path)) else tuple(Path(d) for d in shipped_dir)
+
+
+def find_existing(fields: dict, shipped_dir: Path | tuple[Path, ...] | None = None
+                  ) -> tuple[dict, dict[str, torch.Tensor], str] | None:
+    """A valid shipped or cached file for `fields` (as `load_or_compute` finds it), or None: never
+    calibrates, never waits for other ranks."""
+    key = cache_key(fields)
+    return _load_shipped(key, _as_dirs(shipped_dir)) or _load_cached(_cache_target(fields, key), key)
+
+
 def load_or_compute(fields: dict, compute: Callable[[], tuple[dict, dict[str, torch.Tensor]]], *,
                     path: str | None = None, recalibrate: bool = False, rank_context: Any = None,
                     shipped_dir: Path | tuple[Path, ...] | None = None
@@ -429,8 +347,7 @@ def load_or_compute(fields: dict, compute: Callable[[], tuple[dict, dict[str, to
     """
     if path is not None:
         return _load_explicit(path, fields)
-    shipped_dirs = SHIPPED_DIRS if shipped_dir is None else (
-        (Path(shipped_dir),) if isinstance(shipped_dir, (str, Path)) else tuple(Path(d) for d in shipped_dir))
+    shipped_dirs = _as_dirs(shipped_dir)
     key = cache_key(fields)
     world = int(getattr(rank_context, "world_size", 1) or 1)
     if world <= 1:

@@ -163,6 +163,49 @@ def test_smollm2_end_to_end_few_tokens(smollm2_dir):
     assert 0 < results["mean_activation_ratio"] < 1
 
 
+@pytest.mark.parametrize("k, a, p", [(0.05, 8, 1), (1, 8, 10), (300, 8, 5), (0.3, 8, 5), (0.02, 12, 1)])
+def test_outer_search_converges_on_steep_ratio_curves(k, a, p):
+    """The CETT search on ratio(c) = 1 + k c^a: the secant's slope bound once made steep curves overshoot to
+    and fro without converging in MAX_ITERATIONS."""
+    from lm_sparse.calibrate.pplp import FIRST_CETT_GUESS, MAX_ITERATIONS, REL_TOLERANCE, _next_target
+
+    goal, target = math.log1p(p / 100), 1 + p / 100
+    points, c = [], FIRST_CETT_GUESS
+    for _ in range(MAX_ITERATIONS):
+        ratio = 1 + k * c ** a
+        if abs(ratio - target) <= REL_TOLERANCE * p / 100:
+            break
+        points.append((c, math.log(ratio)))
+        c = _next_target(points, goal)
+    else:
+        pytest.fail(f"no convergence in {MAX_ITERATIONS} iterations: {points}")
+
+
+def test_an_unconverged_search_is_said_on_every_load(tmp_path, monkeypatch, caplog, tiny_tokenizer):
+    import logging
+
+    from lm_sparse.calibrate import pplp
+
+    monkeypatch.setenv("LM_SPARSE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 120}" for j in range(60)) for i in range(20)))
+    model = make_tiny_model("llama")
+
+    def unconverged(model, calib, heldout, ppl_p, **kw):
+        layers = len(SparsityEngine(model).sites_in_groups("mlp_mid"))
+        return ({"ppl_p": ppl_p, "cett": 0.3, "calib_ppl_ratio": 1.002, "converged": False, "iterations": 8,
+                 "activation_ratio": [0.5] * layers},
+                {f"layer{i}.down": torch.zeros(model.config.intermediate_size) for i in range(layers)})
+
+    monkeypatch.setattr(pplp, "calibrate_pplp", unconverged)
+    config = parse_sparsity_args({"ppl_p": 5, "calib_data": str(data), "calib_tokens": 256, "calib_seqlen": 32})
+    with caplog.at_level(logging.WARNING, logger="lm_sparse.calibrate.pplp"):
+        for _ in range(2):  # calibrated, then loaded from the cache
+            pplp.build_pplp_rules(SparsityEngine(model), config, tiny_tokenizer)
+    said = [r.getMessage() for r in caplog.records if "did not reach ppl_p=5" in r.getMessage()]
+    assert len(said) == 2 and "ratio is 1.0020, not 1.0500" in said[0]
+
+
 def test_offloaded_search_matches():
     _, downs, acts = _tiny_acts("llama")
     weight = downs[0].module.weight
@@ -177,7 +220,7 @@ def test_shipped_smollm2_files_are_found_by_key(smollm2_dir, tmp_path, monkeypat
     from pathlib import Path
     from types import SimpleNamespace
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_sparse.calibrate.data import shipped_excerpt_path
     from lm_sparse.calibrate.pplp import build_pplp_rules
@@ -189,10 +232,11 @@ def test_shipped_smollm2_files_are_found_by_key(smollm2_dir, tmp_path, monkeypat
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     copy = tmp_path / "my_excerpt.jsonl"  # same content at another path hits the same key
     copy.write_bytes(shipped_excerpt_path().read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)  # part of the key, as in a real run
     config = parse_sparsity_args({"ppl_p": p, "calib_data": str(copy), "calib_tokens": 4096})
     lm = SimpleNamespace(pretrained=str(smollm2_dir), revision=None, world_size=1, rank=0)
     engine = SparsityEngine(model)
-    rules, info = build_pplp_rules(engine, config, tokenizer=None, lm=lm)
+    rules, info = build_pplp_rules(engine, config, tokenizer=tokenizer, lm=lm)
     assert not info["calibrated_now"] and Path(info["file"]) == shipped
     assert len(rules) == 30 and 0.99 < info["heldout_ppl_ratio"] < 1 + 2 * p / 100
 

@@ -218,16 +218,44 @@ def _count_calls(monkeypatch, module, name: str) -> dict:
 
 
 def test_uniform_only_calibration_stores_histograms(cache, text_file, tiny_tokenizer, monkeypatch):
-    import lm_sparse.thresholds as thresholds
+    import lm_sparse.identity as identity
 
     model = make_tiny_model("llama")
     engine = SparsityEngine(model)
-    hashes = _count_calls(monkeypatch, thresholds, "model_identity")
+    hashes = _count_calls(monkeypatch, identity, "model_identity")
     _, info = T.build_teal_rules(engine, _config(text_file, 0.3, teal_mode="uniform"), tiny_tokenizer, None)
     assert info["calibrated_now"] and info["params"]["greedy"] is False
     assert hashes["n"] == 1  # the greedy probe and the uniform calibration share one hash of the weights
     with pytest.raises(SparsityArgumentError, match="no greedy lookup"):
         T.build_teal_rules(engine, _config(text_file, 0.3, thresholds=info["file"]), tiny_tokenizer, None)
+
+
+def test_uniform_mode_under_data_parallelism_every_rank_meets_the_same_barriers(cache, text_file, tiny_tokenizer):
+    """Rank 0 calibrates histograms, rank 1 waits once and loads them: the greedy-file lookup of uniform mode
+    must not put a barrier on one rank only (rank 1 then left early and failed)."""
+    from types import SimpleNamespace
+
+    model = make_tiny_model("llama")
+    sites = SparsityEngine(model).sites
+    barriers = {0: 0, 1: 0}
+
+    def rank(r: int) -> SimpleNamespace:
+        class Accelerator:
+            def wait_for_everyone(self) -> None:
+                barriers[r] += 1
+        return SimpleNamespace(pretrained=None, revision=None, world_size=2, rank=r, accelerator=Accelerator())
+
+    kw = dict(calib_data=str(text_file), calib_tokens=1024, calib_seqlen=64, calib_seed=0, greedy=False)
+    _, payload0, path0, ran0 = T.load_teal(model, sites, tiny_tokenizer, lm=rank(0), **kw)
+    _, payload1, path1, ran1 = T.load_teal(model, sites, tiny_tokenizer, lm=rank(1), **kw)
+    assert ran0 and not ran1 and path0 == path1 and payload0["key"] == payload1["key"]
+    assert payload0["fields"]["params"]["greedy"] is False and barriers == {0: 1, 1: 1}
+
+
+def test_token_counts_that_cut_the_same_windows_share_a_key():
+    model = make_tiny_model("llama")
+    assert T.default_settings(model, True, greedy_tokens=300, greedy_seqlen=128) == \
+        T.default_settings(model, True, greedy_tokens=384, greedy_seqlen=128)
 
 
 def test_ppl_p_with_method_teal_picks_largest_level_within_budget(cache, text_file, tiny_tokenizer, monkeypatch):
@@ -273,14 +301,15 @@ def test_calibrate_cli_teal(cache, tmp_path, text_file, tiny_tokenizer_dir, caps
 
 
 def test_shipped_smollm2_lookup_serves_any_level(smollm2_dir):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shipped = sorted((REPO / "thresholds").glob("teal-smollm2*.json"))
     if not shipped:
         pytest.skip("thresholds/teal-smollm2-gsm8k.json not made yet: see thresholds/README.md (TEAL)")
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
     engine = SparsityEngine(model)
-    lookup, payload, path, ran = T.load_teal(model, engine.sites, None, calib_data=None, calib_tokens=None,
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))  # part of the model's identity
+    lookup, payload, path, ran = T.load_teal(model, engine.sites, tokenizer, calib_data=None, calib_tokens=None,
                                              calib_seqlen=None, calib_seed=0, greedy=True,
                                              thresholds_path=str(shipped[0]))
     assert not ran and payload["fields"]["model"]["model_type"] == "llama"

@@ -17,7 +17,6 @@ import torch
 from lm_sparse import thresholds as th
 from lm_sparse.config import SparsityArgumentError
 
-from conftest import make_tiny_model
 
 
 def _fields(model_hash: str = "aaa", **extra) -> dict:
@@ -54,21 +53,6 @@ def test_key_ignores_sources_and_tracks_content():
     assert th.cache_key(c) != th.cache_key(a)
     assert th.cache_key(_fields(seed=1)) != th.cache_key(a)
     assert len(th.cache_key(a)) == 64 and a["format_version"] == th.FORMAT_VERSION
-
-
-def test_model_identity_local_and_in_memory(tmp_path):
-    model = make_tiny_model("llama")
-    model.save_pretrained(tmp_path / "one")
-    model.save_pretrained(tmp_path / "two")
-    one = th.model_identity(model, str(tmp_path / "one"))
-    two = th.model_identity(model, str(tmp_path / "two"))
-    assert one["weights_sha256"] == two["weights_sha256"] and one["hash_mode"] == "full"
-    assert one["model_type"] == "llama" and one["num_layers"] == 2 and one["dtype"] == "float32"
-    mem = th.model_identity(model, None)
-    assert "params_sha256" in mem
-    assert th.model_identity(make_tiny_model("llama", seed=1), None)["params_sha256"] != mem["params_sha256"]
-    # an unknown hub id offline falls back to the parameters, without blocking
-    assert "params_sha256" in th.model_identity(model, "nobody/not-a-model")
 
 
 def test_round_trip_and_shipped_lookup(cache):

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from ..config import SparsityConfig
 from ..engine.engine import SparsityEngine
 from ..engine.rules import Rule, Threshold
-from ..thresholds import CacheKey, lm_model_identity, load_or_compute
+from ..identity import lm_model_identity
+from ..thresholds import CacheKey, load_or_compute
 from .data import DEFAULT_SEQLEN, calibration_batches, default_calib_tokens, load_texts
 from .ppl import windows_nll
 
@@ -259,7 +260,9 @@ def _next_target(points: list[tuple[float, float]], goal: float) -> float:
         guess = c0 * math.sqrt(goal / r0)
     else:
         slope = (math.log(r1) - math.log(r0)) / (math.log(c1) - math.log(c0))
-        slope = min(max(slope, 0.5), 6.0)  # keep the model sane when two points are noisy
+        # Bounded, so two noisy points cannot send the guess far; the upper bound is wide because ratio curves
+        # are steep (a cap of 6 made a log r ~ c^8 curve overshoot back and forth and not converge in 8 steps).
+        slope = min(max(slope, 0.5), 16.0)
         guess = math.exp(math.log(c0) + (math.log(goal) - math.log(r0)) / slope)
     return _clamp(guess, lo, hi)
 
@@ -376,7 +379,7 @@ def rules_from_tensors(engine: SparsityEngine, tensors: dict[str, torch.Tensor],
 
 def pplp_cache_fields(model_id: dict, config: SparsityConfig, data_identity: dict, calib_tokens: int,
                       seqlen: int, cett_tokens: int, heldout_tokens: int) -> dict:
-    """The cache key fields of a PPL-p% calibration (`model_id`: `thresholds.lm_model_identity`)."""
+    """The cache key fields of a PPL-p% calibration (`model_id`: `identity.lm_model_identity`)."""
     return CacheKey(
         model=model_id, method="pplp",
         params={"ppl_p": float(config.level), "rel_tolerance": REL_TOLERANCE, "max_iterations": MAX_ITERATIONS,
@@ -399,8 +402,8 @@ def build_pplp_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
         texts, data_identity = load_texts(config.calib_data)
     else:
         texts, data_identity = [], {"source": config.calib_data, "sha256": None}
-    fields = pplp_cache_fields(lm_model_identity(model, lm), config, data_identity, calib_tokens, seqlen,
-                               cett_tokens, heldout_tokens)
+    fields = pplp_cache_fields(lm_model_identity(model, lm, tokenizer), config, data_identity, calib_tokens,
+                               seqlen, cett_tokens, heldout_tokens)
     computed = {"ran": False}
 
     def compute() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -415,6 +418,12 @@ def build_pplp_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: 
     payload, tensors, path = load_or_compute(fields, compute, path=config.thresholds,
                                              recalibrate=bool(config.recalibrate), rank_context=lm)
     results = payload.get("results", {})
+    if results.get("converged") is False:  # said on every run that uses the file, not only when calibrating
+        logger.warning("lm-sparse: the PPL-p%% search did not reach ppl_p=%g within its tolerance in %s iterations: "
+                       "using the closest CETT (%.4g), whose calibration PPL ratio is %.4f, not %.4f",
+                       float(results.get("ppl_p") or config.level), results.get("iterations"),
+                       float(results.get("cett") or 0.0), float(results.get("calib_ppl_ratio") or 0.0),
+                       1 + float(results.get("ppl_p") or config.level) / 100)
     rules = rules_from_tensors(engine, tensors, results.get("activation_ratio"))
     info = {
         "method": "pplp",

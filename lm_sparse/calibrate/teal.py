@@ -123,8 +123,10 @@ def default_settings(model: nn.Module, greedy: bool, greedy_tokens: int | None =
                         ("teal_greedy_seqlen", greedy_seqlen)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise SparsityArgumentError(f"sparse-hf: invalid {name}={value!r}: expected a positive integer")
-    return TealSettings(greedy=greedy, greedy_tokens=greedy_tokens or tokens, greedy_steps=greedy_steps or steps,
-                        greedy_seqlen=greedy_seqlen or seqlen)
+    seqlen = greedy_seqlen or seqlen
+    # whole windows, as the search runs them: 300 and 320 tokens (3 windows of 128) are one calibration
+    tokens = math.ceil((greedy_tokens or tokens) / seqlen) * seqlen
+    return TealSettings(greedy=greedy, greedy_tokens=tokens, greedy_steps=greedy_steps or steps, greedy_seqlen=seqlen)
 
 
 @torch.inference_mode()
@@ -360,10 +362,6 @@ def search_level(engine: SparsityEngine, lookup: TealLookup, windows: torch.Tens
 
 
 # -- entry points ----------------------------------------------------------------------------------------------
-class _NotCached(Exception):
-    """Raised by a compute() that only probes the cache."""
-
-
 def _file_has_greedy(path: str) -> bool:
     """Whether the thresholds file at `path` was calibrated with the greedy lookup (False if unreadable:
     loading it then raises the clear error)."""
@@ -386,25 +384,28 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
     With `thresholds_path` the file is loaded as given (no calibration text is read). `loaded`: what
     `load_texts(calib_data)` returned, when the caller has read the text already.
     """
-    from ..thresholds import CacheKey, lm_model_identity, load_or_compute
+    from ..identity import lm_model_identity
+    from ..thresholds import CacheKey, find_existing, load_or_compute
 
-    tokens = calib_tokens or CALIB_TOKENS[_device_kind(model)]
     seqlen = calib_seqlen or DEFAULT_SEQLEN
+    # whole windows, as calibration_batches cuts them (so 2048 and 2050 tokens are one key)
+    tokens = max(seqlen, (calib_tokens or CALIB_TOKENS[_device_kind(model)]) // seqlen * seqlen)
     if thresholds_path is None:
         texts, data_identity = loaded if loaded is not None else load_texts(calib_data)
     else:
         texts, data_identity = [], {"source": calib_data, "sha256": None}
-    identity = lm_model_identity(model, lm)  # hashed once, whatever the number of attempts
+    identity = lm_model_identity(model, lm, tokenizer)  # hashed once, whatever the number of attempts
     ran = {"now": False}
 
-    def attempt(with_greedy: bool, probe_only: bool):
+    def fields_for(with_greedy: bool) -> tuple[TealSettings, dict]:
         settings = default_settings(model, with_greedy, greedy_tokens, greedy_steps, greedy_seqlen)
-        fields = CacheKey(model=identity, method="teal", params=asdict(settings), data=data_identity,
-                          calib_tokens=tokens, seqlen=seqlen, seed=calib_seed).fields()
+        return settings, CacheKey(model=identity, method="teal", params=asdict(settings), data=data_identity,
+                                  calib_tokens=tokens, seqlen=seqlen, seed=calib_seed).fields()
+
+    def attempt(with_greedy: bool):
+        settings, fields = fields_for(with_greedy)
 
         def compute():
-            if probe_only:
-                raise _NotCached
             ran["now"] = True
             windows, _ = calibration_batches(tokenizer, texts, tokens, seqlen, calib_seed)
             logger.warning("lm-sparse: calibrating TEAL (%s) on %d tokens (one time; cached after)",
@@ -416,14 +417,14 @@ def load_teal(model: nn.Module, sites: list[Site], tokenizer: Any, *, calib_data
     if thresholds_path is not None:
         # A greedy file also holds the histograms uniform mode reads: key it as it was made, so that using it
         # for teal_mode=uniform is not reported as "calibrated with other settings".
-        payload, tensors, path = attempt(greedy or _file_has_greedy(thresholds_path), probe_only=False)
+        payload, tensors, path = attempt(greedy or _file_has_greedy(thresholds_path))
     elif greedy:
-        payload, tensors, path = attempt(True, probe_only=False)
+        payload, tensors, path = attempt(True)
     else:
-        try:
-            payload, tensors, path = attempt(True, probe_only=True)
-        except _NotCached:
-            payload, tensors, path = attempt(False, probe_only=False)
+        # Uniform mode reuses a greedy file of the same settings. Every rank looks for one on its own (no
+        # barrier), so under data parallelism all ranks then enter the same load_or_compute.
+        existing = None if recalibrate else find_existing(fields_for(True)[1])
+        payload, tensors, path = existing if existing is not None else attempt(False)
     lookup = TealLookup.from_tensors(tensors)
     if greedy and lookup.greedy_levels is None:
         raise SparsityArgumentError(f"sparse-hf: thresholds={path!r} holds no greedy lookup; use teal_mode=uniform")
