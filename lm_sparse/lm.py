@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import atexit
 import difflib
+import functools
 import inspect
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 from unittest import mock  # patch.object: swap an lm-eval module attribute for one call, always restored
 
@@ -33,13 +35,15 @@ from .models import resolve_pretrained
 logger = logging.getLogger(__name__)
 
 _HFLM_PARAMS = frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+# from_pretrained keywords close to a sparsity argument's name (HFLM passes unknown keys on to it)
+_FROM_PRETRAINED_LOOKALIKES = frozenset({"use_kernels", "kernel_config", "allow_all_kernels"})
 _SPARSE_PREFIXES = ("calib", "teal", "sparse", "ppl", "top", "threshold", "recalib")
 
 
 def _reject_misspelled(kwargs: dict[str, Any]) -> None:
     """Unknown keys close to a sparsity argument are typos, not from_pretrained kwargs: say so."""
     for key in kwargs:
-        if key in SPARSITY_ARGS or key in _HFLM_PARAMS:
+        if key in SPARSITY_ARGS or key in _HFLM_PARAMS or key in _FROM_PRETRAINED_LOOKALIKES:
             continue
         close = difflib.get_close_matches(key.lower(), list(SPARSITY_ARGS), n=1, cutoff=0.75)
         if close or key.lower().startswith(_SPARSE_PREFIXES):
@@ -70,14 +74,20 @@ def _early_architecture_check(pretrained: Any, kwargs: dict[str, Any]) -> None:
     check_model_type(getattr(config, "model_type", None))
 
 
-def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, batch: int):
-    """lm-eval's stop-sequence criteria, answered per row instead of once for the batch.
+def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, batch: int,
+                          on_done: Callable[[torch.Tensor], None] | None = None, eos_ids: Sequence[int] = (),
+                          per_row: bool = True):
+    """lm-eval's stop-sequence criteria, which also say which rows are done.
 
     lm-eval's criteria say "done" only when every row has met a stop sequence, so a row that finished early
-    goes on generating real tokens until the last one does: wasted work, and decode tokens the sparsity
-    report would count (their number then depended on the batch size). Answered per row, `generate` pads a
-    finished row, as after EOS, and the engine skips its padded steps. lm-eval cuts every answer at its
-    first stop sequence, so the answers do not change.
+    goes on generating real tokens until the last one does. `on_done` receives the rows done after each
+    step (stop sequence, or an EOS among `eos_ids`), so the engine does not count their later steps (the
+    decode counts would otherwise depend on the batch size). `per_row=False` keeps lm-eval's answer, so
+    `generate` produces exactly what `--model hf` does: the text after a stop can reach an answer (a stop
+    string that is a special token is dropped by the decode before lm-eval cuts at it; `think_end_token` is
+    split off before the cut). `per_row=True` answers per row (finished rows are padded, as after EOS), for
+    the static-cache loop where that text cannot matter. With beam search (more rows than prompts) the
+    answer is lm-eval's.
     """
     from lm_eval.models.utils_hf import stop_sequences_criteria
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -86,13 +96,19 @@ def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, 
 
     class PerRow(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            n = input_ids.shape[0]
+            done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
             for criterion in batch_level:
                 answer = criterion(input_ids, scores, **kwargs)
                 rows = getattr(criterion, "done_tracker", None)  # lm-eval's per-row record behind its answer
-                done |= torch.tensor(rows, device=done.device) if rows is not None else torch.as_tensor(
-                    answer, device=done.device).bool()
-            return done
+                if rows is not None and len(rows) == n:
+                    done |= torch.tensor(rows, device=done.device)
+                else:  # beam search: n rows are beams, lm-eval tracks prompts; its batch-level answer holds
+                    done |= torch.as_tensor(bool(answer), device=done.device).expand(n)
+            if on_done is not None:  # rows whose last token is EOS are done too (generate's own criterion)
+                eos = torch.tensor(list(eos_ids), dtype=input_ids.dtype, device=input_ids.device)
+                on_done(done | torch.isin(input_ids[:, -1], eos))
+            return done if per_row else done.all().expand(n)
 
     return StoppingCriteriaList([PerRow()])
 
@@ -110,6 +126,10 @@ class SparseHFLM(HFLM):
         pretrained = resolve_pretrained(pretrained)
         _early_architecture_check(pretrained, hf_kwargs)
         super().__init__(pretrained=pretrained, **hf_kwargs)
+        # HFLM does not keep these; the threshold cache keys by them (identity.lm_model_identity)
+        self.gguf_file = hf_kwargs.get("gguf_file")
+        self.subfolder = hf_kwargs.get("subfolder") or None
+        self.load_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _HFLM_PARAMS}  # to from_pretrained
         self.engine = SparsityEngine(self._model, sparse_prefill=self.sparsity_config.sparse_prefill,
                                      pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
         rules, self.calibration = build_rules(self.engine, self.sparsity_config, self.tokenizer, self)
@@ -168,18 +188,44 @@ class SparseHFLM(HFLM):
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any):
         with self.engine.attached():
-            if self.engine.decode_executors and self._is_greedy(kwargs):
+            plan = self._static_decode_plan(context, max_length, stop, kwargs)
+            if plan is not None:
                 # Sparse kernels on CUDA: static KV cache + compiled decode step, so kernel time is not
                 # hidden behind Python overhead (lm_sparse/kernels/decode.py).
                 from .kernels.decode import generate_static
 
+                processors, max_new = plan
                 criteria = per_row_stop_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
-                return generate_static(self.model, context, kwargs.get("attention_mask"),
-                                       max_length - context.shape[1], criteria, self.tokenizer.pad_token_id,
-                                       None)
-            # HFLM builds its criteria from this name
-            with mock.patch.object(hf_module, "stop_sequences_criteria", per_row_stop_criteria):
-                return super()._model_generate(context, max_length, stop, **kwargs)
+                with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                    enabled=self.mixed_precision_dtype is not None):  # as HFLM's generate
+                    return generate_static(self.model, context, kwargs.get("attention_mask"), max_new, criteria,
+                                           self.tokenizer.pad_token_id, None, logits_processor=processors)
+            from .kernels.decode import _eos_ids
+
+            # HFLM builds its criteria from this name; the engine learns which rows are done from them
+            criteria = functools.partial(per_row_stop_criteria, on_done=self.engine.mark_finished,
+                                         eos_ids=_eos_ids(self.model, None), per_row=False)
+            try:
+                with mock.patch.object(hf_module, "stop_sequences_criteria", criteria):
+                    return super()._model_generate(context, max_length, stop, **kwargs)
+            finally:
+                self.engine.clear_finished()
+
+    def _static_decode_plan(self, context: torch.Tensor, max_length: int, stop: list[str],
+                            kwargs: dict[str, Any]):
+        """(logits processors, new tokens) when this request decodes with the static-cache engine: sparse
+        kernels attached, greedy, at least one new token, and nothing in the model's generation config that
+        only `generate` applies (else None: `generate` runs, masked dense, and the report says so)."""
+        if not self.engine.decode_executors or not self._is_greedy(kwargs) or max_length - context.shape[1] < 1:
+            return None
+        # The loop pads a row once it meets a stop; where lm-eval's answer can keep text after the stop (see
+        # per_row_stop_criteria), `generate` runs instead.
+        special = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        if getattr(self, "think_end_token", None) or any(s in special for s in (stop or [])):
+            return None
+        from .kernels.decode import static_generation_plan
+
+        return static_generation_plan(self.model, max_length - context.shape[1])
 
     @staticmethod
     def _is_greedy(kwargs: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import SparsityConfig
+from .config import SparsityArgumentError, SparsityConfig
 from .engine.arch import is_relu_family
 from .engine.engine import SparsityEngine
 from .engine.rules import Rule, Threshold, TopK
@@ -23,6 +23,12 @@ def build_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: Any =
         return {s.index: TopK(float(config.level), s.in_features) for s in ffn_mid}, None
     if config.rule == "fat":
         return {s.index: Threshold(float(config.level)) for s in ffn_mid}, None
+    if config.rule in ("pplp", "teal") and config.thresholds is None and \
+            any(p.is_meta for p in engine.model.parameters()):
+        # accelerate's disk offload leaves weights on the meta device, where calibration cannot read them
+        raise SparsityArgumentError(
+            f"sparse-hf: calibrating {config.rule} needs every weight in memory, and some are offloaded "
+            "(offload_folder=/max_cpu_memory=): drop the offload, pass thresholds=FILE, or use topk=K or fat=EPS")
     if config.rule == "pplp":
         from .calibrate.pplp import build_pplp_rules
 

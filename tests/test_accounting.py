@@ -337,7 +337,8 @@ class CountingMixin:
     """Counts the real tokens lm-eval sends to the model, from the calls' own inputs and outputs.
 
     Loglikelihood batches are right-padded with id 0, which no tiny-vocabulary word has; generation
-    prompts carry an attention mask; decode step j feeds generated token j-1 unless it is padding.
+    prompts carry an attention mask; a row that generated n real tokens was fed n - 1 of them (its last
+    one is never fed for its own sake, whatever its batch does).
     """
 
     def _model_call(self, inps, attn_mask=None, labels=None):
@@ -347,8 +348,8 @@ class CountingMixin:
     def _model_generate(self, context, max_length, stop, **kwargs):
         out = super()._model_generate(context, max_length, stop, **kwargs)
         self.counted["prefill"] += int(kwargs["attention_mask"].sum())
-        fed = out[:, context.shape[1]:-1]
-        self.counted["decode"] += int((fed != self.tokenizer.pad_token_id).sum())
+        real = (out[:, context.shape[1]:] != self.tokenizer.pad_token_id).sum(-1)
+        self.counted["decode"] += int((real - 1).clamp(min=0).sum())
         return out
 
 

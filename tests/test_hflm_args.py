@@ -33,3 +33,38 @@ def test_prebuilt_model_instance(tmp_path, tiny_tokenizer_dir):
     # no copy of any weight: the engine holds the model's own modules
     params = {p.data_ptr() for p in model.parameters()}
     assert all(s.module.weight.data_ptr() in params for s in lm.engine.sites)
+
+
+def test_from_pretrained_keywords_that_look_like_sparsity_arguments_pass(tmp_path, tiny_tokenizer_dir):
+    """use_kernels= is transformers' (close to sparse_kernels=, once rejected as its typo); the keywords passed
+    on to from_pretrained are part of the threshold cache's model identity."""
+    import pytest
+
+    from lm_sparse.config import SparsityArgumentError
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "llama")
+    lm = SparseHFLM(pretrained=str(model_dir), topk="0.5", device="cpu", use_kernels=False)
+    assert lm.load_kwargs == {"use_kernels": False}
+    with pytest.raises(SparsityArgumentError, match="did you mean sparse_kernels"):
+        SparseHFLM(pretrained=str(model_dir), topk="0.5", device="cpu", sparse_kernel="off")
+
+
+def test_weights_offloaded_to_disk(tmp_path, tiny_tokenizer_dir):
+    """Weights on the meta device (accelerate's disk offload): the counts live on a real device, the report is
+    made, and calibration says in one line that it cannot run."""
+    import pytest
+
+    from lm_sparse.config import SparsityArgumentError, parse_sparsity_args
+    from lm_sparse.engine.engine import SparsityEngine
+    from lm_sparse.methods import build_rules
+    from lm_sparse.testing import make_tiny_model
+
+    model = make_tiny_model("llama")
+    model.model.embed_tokens.weight = torch.nn.Parameter(torch.empty_like(model.model.embed_tokens.weight,
+                                                                          device="meta"))
+    engine = SparsityEngine(model)
+    assert engine.counter.device.type == "cpu"
+    assert engine.report()["tokens"] == 0
+    with pytest.raises(SparsityArgumentError, match="calibrating pplp needs every weight in memory"):
+        (tmp_path / "x.txt").write_text("w1 w2 w3")
+        build_rules(engine, parse_sparsity_args({"ppl_p": 1, "calib_data": str(tmp_path / "x.txt")}))

@@ -241,6 +241,132 @@ def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_toke
         assert 0.1 < on["sparsity"] < 0.9
 
 
+def _until(lm, contexts: list[str], **gen_kwargs) -> list[str]:
+    from lm_eval.api.instance import Instance
+
+    kwargs = {"until": ["w111"], "max_gen_toks": 8, "do_sample": False, **gen_kwargs}
+    requests = [Instance(request_type="generate_until", doc={}, idx=i, arguments=(c, dict(kwargs)))
+                for i, c in enumerate(contexts)]
+    return lm.generate_until(requests, disable_tqdm=True)
+
+
+# The first prompt meets the stop sequence after two tokens, the others run to max_gen_toks (tiny llama, seed 0).
+EARLY_STOP_CONTEXTS = ["w3 w9 w27 w81", "w5 w10 w15 w20 w25 w30", "w100"]
+
+
+def test_decode_counts_do_not_depend_on_the_batch_size(tmp_path, tiny_tokenizer_dir):
+    """A row that finished before the others of its batch was fed its last token once more, and that step was
+    counted: decode tokens and sparsity then differed between batch sizes."""
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    seen = {}
+    for mode in ("off", "on"):
+        for batch_size in (1, 3):
+            lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels=mode, device=DEVICE,
+                            batch_size=batch_size, dtype="float32")
+            text = _until(lm, EARLY_STOP_CONTEXTS)
+            decode = lm.sparsity_report()["phases"]["decode"]
+            seen[mode, batch_size] = (tuple(text), decode["tokens"], decode["sparsity"])
+    assert seen[("off", 1)][0][0] == "w2 w42 "  # the early stop this test is about
+    assert len(set(seen.values())) == 1, seen
+
+
+def _with_generation_config(model_dir, **settings) -> None:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(model_dir)
+    for name, value in settings.items():
+        setattr(config, name, value)
+    config.save_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("settings, static", [({"repetition_penalty": 1.5}, True), ({"max_new_tokens": 3}, True),
+                                              ({"no_repeat_ngram_size": 2}, False)])
+def test_kernel_decoding_follows_the_models_generation_config(tmp_path, tiny_tokenizer_dir, monkeypatch,
+                                                               settings, static):
+    """The static-cache loop applies what it can of the generation config (a repetition penalty, max_new_tokens)
+    and leaves the rest to `generate`: the text is --model hf's either way."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_sparse.kernels import decode
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    _with_generation_config(model_dir, **settings)
+    calls = []
+    real = decode.generate_static
+    monkeypatch.setattr(decode, "generate_static", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hf = HFLM(pretrained=str(model_dir), device=DEVICE, batch_size=3, dtype="float32")
+    lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels="on", device=DEVICE, batch_size=3,
+                    dtype="float32")
+    # with the early stop lifted, the first prompt loops on "w42 w111" without the penalty
+    assert _until(lm, EARLY_STOP_CONTEXTS, until=["w999"]) == _until(hf, EARLY_STOP_CONTEXTS, until=["w999"])
+    assert bool(calls) == static
+
+
+def test_no_new_tokens_is_generates_error_with_kernels_too(tmp_path, tiny_tokenizer_dir):
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels="on", device=DEVICE, batch_size=1,
+                    dtype="float32")
+    with pytest.raises(ValueError, match="max_length"):  # as --model hf (it returned '' before)
+        _until(lm, ["w3 w9"], max_gen_toks=0)
+
+
+def test_kernel_decoding_runs_under_hflms_autocast(tmp_path, tiny_tokenizer_dir):
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    texts = {}
+    for mode in ("off", "on"):
+        lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels=mode, device=DEVICE, batch_size=1,
+                        dtype="float32", mixed_precision_dtype="bfloat16")
+        # the last prompt's tenth token differs between bfloat16 and float32 (tiny llama, seed 0)
+        texts[mode] = _until(lm, ["w26 w105 w68 w63 w83 w81",
+                                  "w97 w81 w86 w23 w82 w4 w109 w70 w11 w10 w7 w27 w115"], until=["w7"],
+                             max_gen_toks=10)
+    assert texts["on"] == texts["off"]
+
+
+def test_text_after_a_stop_reaches_the_answer_as_with_hf(tmp_path, tiny_tokenizer_dir):
+    """lm-eval generates a batch until every row met a stop, and with think_end_token the answer is the text
+    after it, which can lie beyond a row's stop: sparse-hf, dense or with kernels, answers what hf does."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    contexts = EARLY_STOP_CONTEXTS[:2]
+    free = _until(HFLM(pretrained=str(model_dir), device=DEVICE, batch_size=2, dtype="float32"), contexts,
+                  until=["w999"])
+    assert free[0].startswith("w2 w42 w111") and "w42" not in free[1]  # row 0 stops at w42, w111 comes after
+    kwargs = dict(until=["w42"], max_gen_toks=8)
+    common = dict(pretrained=str(model_dir), device=DEVICE, batch_size=2, dtype="float32", think_end_token="w111")
+    expected = _until(HFLM(**common), contexts, **kwargs)
+    assert _until(SparseHFLM(**common), contexts, **kwargs) == expected
+    # the static-cache loop pads a row at its stop: it leaves such requests to generate
+    with_kernels = SparseHFLM(fat="0.0004", sparse_kernels="on", **common)
+    reference = SparseHFLM(fat="0.0004", sparse_kernels="off", **common)
+    assert _until(with_kernels, contexts, **kwargs) == _until(reference, contexts, **kwargs)
+
+
+def test_beam_search_in_a_batch_generates_like_hf(tmp_path, tiny_tokenizer_dir):
+    """Beam search has more rows than prompts: the per-row stop answer falls back to lm-eval's (it crashed)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    kwargs = dict(num_beams=2, max_gen_toks=6)
+    hf = HFLM(pretrained=str(model_dir), device=DEVICE, batch_size=3, dtype="float32")
+    lm = SparseHFLM(pretrained=str(model_dir), topk=0.5, device=DEVICE, batch_size=3, dtype="float32")
+    dense = SparseHFLM(pretrained=str(model_dir), device=DEVICE, batch_size=3, dtype="float32")
+    assert _until(dense, EARLY_STOP_CONTEXTS, **kwargs) == _until(hf, EARLY_STOP_CONTEXTS, **kwargs)
+    assert len(_until(lm, EARLY_STOP_CONTEXTS, **kwargs)) == 3
+
+
 def _generate_and_report(engine: SparsityEngine, generate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Fresh counts, `generate()` with the engine attached; return (tokens, sparsity report)."""
     engine.reset()

@@ -64,7 +64,8 @@ class SparsityEngine:
         self.prefill_maskers: dict[int, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
         #: per site index: the most rows its executor serves with the sparse kernel (more: a dense GEMM)
         self.executor_max_rows: dict[int, int] = {}
-        device = next(model.parameters()).device
+        # where the counts live: not the meta device of weights accelerate offloaded to disk
+        device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         # Row counts of the decode steps that ran executors (capped at ROWS_CAP), which with
         # `executor_max_rows` say which path each site took. A device tensor written in place, not a Python
         # dict: a compiled step guards on a dict's contents and would recompile when it changes.
@@ -84,6 +85,8 @@ class SparsityEngine:
         self._records: dict[int, torch.Tensor] = {}
         # Real lengths of the rows of the next right-padded forward (no attention mask), from the LM
         self._next_row_lengths: list[int] | None = None
+        # Rows of the running `generate` that are done (stop sequence or EOS), from the LM's stop criteria
+        self._finished_rows: torch.Tensor | None = None
 
     # -- configuration --------------------------------------------------------------------------------
     def sites_named(self, *names: str) -> list[Site]:
@@ -105,6 +108,17 @@ class SparsityEngine:
         (lm-eval's loglikelihood batches): `sparse_prefill=last_half` then cuts each row at half its own length,
         whatever the batch's padded length."""
         self._next_row_lengths = None if lengths is None else [int(n) for n in lengths]
+
+    def mark_finished(self, rows: torch.Tensor) -> None:
+        """Rows [B] bool of the running `generate` that are done: `generate` feeds such a row its last token
+        once more before padding it, and that step is not a real token (counting it made decode counts
+        depend on the batch size). Cleared by `clear_finished` when the generate call ends."""
+        rows = rows.detach().bool().reshape(-1)
+        previous = self._finished_rows
+        self._finished_rows = rows if previous is None or previous.shape != rows.shape else previous | rows
+
+    def clear_finished(self) -> None:
+        self._finished_rows = None
 
     def reset(self) -> None:
         """Zero the counts and forget the decode steps seen: the next report covers what runs from now on."""
@@ -161,6 +175,11 @@ class SparsityEngine:
             # A finished row of a batched generate is fed padding: its step is not a real token.
             not_pad = ids != self.pad_token_id
             valid = not_pad if valid is None else valid & not_pad
+        finished = self._finished_rows
+        if self._phase == DECODE and finished is not None and isinstance(ref, torch.Tensor) \
+                and finished.shape[0] == ref.shape[0]:
+            live = ~finished.to(ref.device).view(-1, 1)
+            valid = live if valid is None else valid & live
         self._valid = valid
         self._half_cut = None
         lengths, self._next_row_lengths = self._next_row_lengths, None

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from transformers import StaticCache, StoppingCriteriaList
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache, StoppingCriteriaList
 
 
 def _eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> list[int]:
@@ -27,6 +27,39 @@ def _eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> list
     if eos_token_id is None:
         return []
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+# Generation-config settings generate_static does not reproduce, each with its no-op values: a model whose
+# generation_config sets one decodes through `generate` instead (sampling-only settings such as top_p are
+# ignored by greedy `generate` too, and renormalize_logits/remove_invalid_values do not move an argmax).
+UNSUPPORTED_GENERATION = {
+    "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None, []), "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []), "sequence_bias": (None, {}), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+    "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0.0), "penalty_alpha": (None,), "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,), "max_time": (None,), "stop_strings": (None, []), "dola_layers": (None,),
+    "encoder_repetition_penalty": (None, 1.0),
+}
+
+
+def static_generation_plan(model: nn.Module, max_new_tokens: int) -> tuple[LogitsProcessorList, int] | None:
+    """What greedy `model.generate` would do on top of argmax, as generate_static can do it: the logits
+    processors (a repetition penalty) and the number of new tokens (the generation config's max_new_tokens
+    takes precedence over lm-eval's max_length in `generate`). None: a setting of the model's generation
+    config that only `generate` applies (named in UNSUPPORTED_GENERATION)."""
+    config = getattr(model, "generation_config", None)
+    processors = LogitsProcessorList()
+    if config is None:
+        return processors, max_new_tokens
+    for name, neutral in UNSUPPORTED_GENERATION.items():
+        if getattr(config, name, None) not in neutral:
+            return None
+    penalty = getattr(config, "repetition_penalty", None)
+    if penalty is not None and float(penalty) != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(penalty)))
+    configured = getattr(config, "max_new_tokens", None)
+    return processors, (int(configured) if configured is not None else max_new_tokens)
 
 
 def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos_ids: list[int]) -> torch.Tensor:
@@ -111,12 +144,15 @@ def _decode_step(model: nn.Module) -> Callable:
 def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     max_new_tokens: int = 256, stopping_criteria: StoppingCriteriaList | None = None,
                     pad_token_id: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                    compile: bool | None = None) -> torch.Tensor:
+                    compile: bool | None = None, logits_processor: LogitsProcessorList | None = None
+                    ) -> torch.Tensor:
     """Greedy decoding with a StaticCache: [B, prompt] ids -> [B, prompt + generated] ids.
 
     `attention_mask` defaults to transformers' rule (pad tokens masked); `eos_token_id` to the model's
     generation config; `compile` to True on CUDA (`torch.compile(mode="reduce-overhead")` on the decode
-    step), False elsewhere. `stopping_criteria` are called like in `generate` (ids, scores) -> [B] bool.
+    step), False elsewhere. `stopping_criteria` are called like in `generate` (ids, scores) -> [B] bool;
+    `logits_processor` (ids, float32 scores) -> scores runs before each argmax, as in `generate`.
+    A row that is done is fed padding from its next step on, so the engine never counts a step of it.
     """
     eos_ids = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
@@ -155,6 +191,8 @@ def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     length = prompt_len
     with _recompile_limit() if compile else nullcontext():
         while True:
+            if logits_processor:
+                logits = logits_processor(ids[:, :length], logits)
             next_tokens = torch.where(unfinished, logits.argmax(-1), pad_token_id).to(ids.dtype)
             ids[:, length] = next_tokens
             length += 1
@@ -164,5 +202,8 @@ def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
             unfinished = unfinished & ~done
             if length >= total or not bool(unfinished.any()):
                 break
-            logits = step(next_tokens[:, None], positions[:, length - 1:length], mask, cache)
+            # A row that just finished would feed its last real token once more (as `generate` does): feed
+            # padding instead, which its output ignores and the engine does not count.
+            fed = torch.where(unfinished, next_tokens, pad_token_id).to(ids.dtype)
+            logits = step(fed[:, None], positions[:, length - 1:length], mask, cache)
     return ids[:, :length]
