@@ -215,16 +215,21 @@ class SparseHFLM(HFLM):
                             kwargs: dict[str, Any]):
         """(logits processors, new tokens) when this request decodes with the static-cache engine: sparse
         kernels attached, greedy, at least one new token, and nothing in the model's generation config that
-        only `generate` applies (else None: `generate` runs, masked dense, and the report says so)."""
+        only `generate` applies, nor a stop whose later text lm-eval could keep (else None: `generate` runs, with
+        the same kernels and Python's overhead)."""
         if not self.engine.decode_executors or not self._is_greedy(kwargs) or max_length - context.shape[1] < 1:
             return None
         # The loop pads a row once it meets a stop; where lm-eval's answer can keep text after the stop (see
         # per_row_stop_criteria), `generate` runs instead.
-        special = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        from .kernels.decode import _eos_ids, static_generation_plan
+
+        # (lm-eval always adds the EOS token's text to the stops: an EOS of the generation config ends a row in
+        # both loops alike, so that stop does not count.)
+        eos = _eos_ids(self.model, None)
+        eos_text = {self.tokenizer.decode([i]) for i in eos} | set(self.tokenizer.convert_ids_to_tokens(eos))
+        special = set(getattr(self.tokenizer, "all_special_tokens", []) or []) - eos_text
         if getattr(self, "think_end_token", None) or any(s in special for s in (stop or [])):
             return None
-        from .kernels.decode import static_generation_plan
-
         return static_generation_plan(self.model, max_length - context.shape[1])
 
     @staticmethod

@@ -69,6 +69,9 @@ def save_tiny_model(name: str, tokenizer_dir: Path, out: Path, seed: int = 0,
         model = make_tiny_model(name, seed=seed, dtype=dtype, **overrides)
     model.config.pad_token_id = 0
     model.config.eos_token_id = 1
+    # generate stops at the generation config's EOS: the tokenizer's, as in a real checkpoint
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 1
     model.save_pretrained(out)
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, Path(out) / f.name)
