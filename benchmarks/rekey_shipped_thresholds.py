@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lm_sparse.identity import lm_model_identity
     from lm_sparse.models import resolve_pretrained
-    from lm_sparse.thresholds import cache_key
+    from lm_sparse.thresholds import atomic_write, cache_key
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="the model the shipped files were calibrated for")
@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path.name}: key {old_key[:16]} -> {new_key[:16]}")
             if not args.dry_run and new_key != old_key:
                 payload.update(fields=fields, key=new_key)
-                tmp = path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
-                tmp.replace(path)
+                text = json.dumps(payload, indent=1, default=str) + "\n"  # as write_thresholds writes it
+                atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return 0
 
 

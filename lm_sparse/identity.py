@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .models import cache_root, env_flag_set
+from .models import cache_root, env_flag_set, file_sha256
+from .thresholds import atomic_write, canonical_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ EXACT_PARAMS_LIMIT = 1 << 30  # in-memory models up to this size are hashed byte
 _SAMPLE = 1 << 16  # values per tensor hashed exactly when an in-memory model is fingerprinted
 _CHUNK = 1 << 24
 _TOKENIZER_PROBE = "lm-sparse probe: The 3 quick brown foxes jumped 12.5% higher, didn't they?\n  Yes!"
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _sha256_text(text: str) -> str:
@@ -68,9 +65,7 @@ def _write_memo(memo: dict) -> None:
     path = _memo_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(_canonical(memo), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(canonical_json(memo), encoding="utf-8"))
     except OSError as exc:
         logger.debug("lm-sparse: could not remember file hashes: %s", exc)
 
@@ -94,13 +89,8 @@ def file_digests(files: list[Path]) -> list[str]:
         with tqdm(total=total, unit="B", unit_scale=True, desc="lm-sparse: hashing weights (once)",
                   disable=total < PROGRESS_BYTES) as bar:
             for f in todo:
-                h = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while block := fh.read(8 << 20):
-                        h.update(block)
-                        bar.update(len(block))
                 real, stamp = stamps[f]
-                memo[real] = {"stamp": stamp, "sha256": h.hexdigest()}
+                memo[real] = {"stamp": stamp, "sha256": file_sha256(f, 8 << 20, on_block=bar.update)}
         _write_memo(memo)
     return [memo[stamps[f][0]]["sha256"] for f in files]
 
@@ -130,7 +120,7 @@ def config_digest(directory: Path) -> str | None:
             data = config.read_text(encoding="utf-8", errors="replace")
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k not in DESCRIPTIVE_CONFIG_KEYS}
-        parts.append(_canonical(data))
+        parts.append(canonical_json(data))
     parts += [f"{f.name}\0{f.read_text(encoding='utf-8', errors='replace')}" for f in sorted(directory.glob("*.py"))]
     return _sha256_text("\n".join(parts)) if parts else None
 
@@ -140,7 +130,7 @@ def in_memory_config_digest(config: Any) -> str | None:
     if config is None or not hasattr(config, "to_diff_dict"):
         return None
     data = {k: v for k, v in config.to_diff_dict().items() if k not in DESCRIPTIVE_CONFIG_KEYS}
-    return _sha256_text(_canonical(data))
+    return _sha256_text(canonical_json(data))
 
 
 # -- parameters in memory ------------------------------------------------------------------------------
@@ -227,7 +217,7 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
     except Exception as exc:  # an exotic tokenizer: the model's other fields still key the cache
         logger.debug("lm-sparse: tokenizer not fingerprinted: %s", exc)
         return None
-    return _sha256_text(_canonical([vocab, special, probe]))
+    return _sha256_text(canonical_json([vocab, special, probe]))
 
 
 # -- the model ---------------------------------------------------------------------------------------------

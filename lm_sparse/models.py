@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import SparsityArgumentError
@@ -50,12 +51,14 @@ def env_flag_set(*names: str) -> bool:
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in names)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks."""
+def file_sha256(path: Path, chunk: int = 1 << 20, on_block: Callable[[int], object] | None = None) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks; `on_block(n)` after each (a progress bar)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_block is not None:
+                on_block(len(block))
     return h.hexdigest()
 
 

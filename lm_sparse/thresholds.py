@@ -54,7 +54,8 @@ def _strip_sources(value: Any) -> Any:
     return value
 
 
-def _canonical(value: Any) -> str:
+def canonical_json(value: Any) -> str:
+    """One text per value: sorted keys, no spaces (what the cache key and identity fingerprints hash)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -79,7 +80,7 @@ class CacheKey:
 
 def cache_key(fields: dict) -> str:
     """sha256 of the canonical JSON of `fields`, without descriptive `source` entries."""
-    return hashlib.sha256(_canonical(_strip_sources(fields)).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(_strip_sources(fields)).encode()).hexdigest()
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def tensors_path(json_path: Path) -> Path:
     return Path(json_path).with_suffix(".safetensors")
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Make `path` appear whole or not at all: `write(tmp)` fills a temp file beside it, then os.replace."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -117,9 +119,9 @@ def copy_thresholds(src_json: str | Path, dst_json: str | Path) -> None:
         return
     dst_json.parent.mkdir(parents=True, exist_ok=True)
     payload = json.loads(src_json.read_text(encoding="utf-8"))
-    _atomic_write(tensors_path(dst_json), lambda tmp: shutil.copyfile(tensors_path(src_json), tmp))
+    atomic_write(tensors_path(dst_json), lambda tmp: shutil.copyfile(tensors_path(src_json), tmp))
     payload["tensors"]["file"] = tensors_path(dst_json).name
-    _atomic_write(dst_json, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8"))
+    atomic_write(dst_json, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8"))
 
 
 def write_thresholds(json_path: str | Path, fields: dict, results: dict,
@@ -131,7 +133,7 @@ def write_thresholds(json_path: str | Path, fields: dict, results: dict,
     json_path.parent.mkdir(parents=True, exist_ok=True)
     st_path = tensors_path(json_path)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(st_path, lambda tmp: save_file(clean, tmp, metadata={"format": "lm-sparse-thresholds"}))
+    atomic_write(st_path, lambda tmp: save_file(clean, tmp, metadata={"format": "lm-sparse-thresholds"}))
     payload = {
         "format_version": FORMAT_VERSION,
         "lm_sparse_version": __version__,
@@ -148,7 +150,7 @@ def write_thresholds(json_path: str | Path, fields: dict, results: dict,
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(json_path, write_json)
+    atomic_write(json_path, write_json)
     return payload
 
 
@@ -237,12 +239,10 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
             f"not {model.get('dtype')} (activations, hence thresholds, depend on the dtype): load the model in "
             f"{stored_model.get('dtype')}, or drop thresholds= to calibrate")
     if not _model_matches(stored_model, model):
-        a, b = _strip_sources(stored_model), _strip_sources(model)
-        differing = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise SparsityArgumentError(
             f"sparse-hf: thresholds={str(path)!r} was calibrated for another model "
             f"({_describe_model(stored_model)}), not this one ({_describe_model(model)}); "
-            f"they differ in {', '.join(differing)}"
+            f"they differ in {', '.join(_differing_keys(stored_model, model))}"
         )
     if stored.get("method") != fields.get("method"):
         raise SparsityArgumentError(
@@ -253,8 +253,7 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
     # hash is unknown here), and its token counts (those derived from calib_tokens too) and seed are the
     # file's business.
     stored_params, params = _strip_sources(stored.get("params") or {}), _strip_sources(fields.get("params") or {})
-    differing = sorted(k for k in set(stored_params) | set(params)
-                       if stored_params.get(k) != params.get(k) and not k.endswith(("_tokens", "_seqlen")))
+    differing = [k for k in _differing_keys(stored_params, params) if not k.endswith(("_tokens", "_seqlen"))]
     if "ppl_p" in differing:  # the level itself: the report would label the file's thresholds with another p
         raise SparsityArgumentError(
             f"sparse-hf: thresholds={str(path)!r} was calibrated for ppl_p={stored_params.get('ppl_p')!r}, not "
@@ -264,6 +263,12 @@ def _load_explicit(path: str | Path, fields: dict) -> tuple[dict, dict[str, torc
         logger.warning("lm-sparse: thresholds=%s was calibrated with other settings (%s); using the file as given",
                        path, ", ".join(f"{k}={stored_params.get(k)!r}, not {params.get(k)!r}" for k in differing))
     return payload, tensors, str(path)
+
+
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    """Sorted keys whose values differ between `a` and `b` (`source` entries aside)."""
+    a, b = _strip_sources(a), _strip_sources(b)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def _describe_model(model: dict) -> str:
