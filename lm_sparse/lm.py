@@ -200,11 +200,11 @@ class SparseHFLM(HFLM):
                                     enabled=self.mixed_precision_dtype is not None):  # as HFLM's generate
                     return generate_static(self.model, context, kwargs.get("attention_mask"), max_new, criteria,
                                            self.tokenizer.pad_token_id, None, logits_processor=processors)
-            from .kernels.decode import _eos_ids
+            from .kernels.decode import eos_token_ids
 
             # HFLM builds its criteria from this name; the engine learns which rows are done from them
             criteria = functools.partial(per_row_stop_criteria, on_done=self.engine.mark_finished,
-                                         eos_ids=_eos_ids(self.model, None), per_row=False)
+                                         eos_ids=eos_token_ids(self.model), per_row=False)
             try:
                 with mock.patch.object(hf_module, "stop_sequences_criteria", criteria):
                     return super()._model_generate(context, max_length, stop, **kwargs)
@@ -221,11 +221,11 @@ class SparseHFLM(HFLM):
             return None
         # The loop pads a row once it meets a stop; where lm-eval's answer can keep text after the stop (see
         # per_row_stop_criteria), `generate` runs instead.
-        from .kernels.decode import _eos_ids, static_generation_plan
+        from .kernels.decode import eos_token_ids, static_generation_plan
 
         # (lm-eval always adds the EOS token's text to the stops: an EOS of the generation config ends a row in
         # both loops alike, so that stop does not count.)
-        eos = _eos_ids(self.model, None)
+        eos = eos_token_ids(self.model)
         eos_text = {self.tokenizer.decode([i]) for i in eos} | set(self.tokenizer.convert_ids_to_tokens(eos))
         special = set(getattr(self.tokenizer, "all_special_tokens", []) or []) - eos_text
         if getattr(self, "think_end_token", None) or any(s in special for s in (stop or [])):

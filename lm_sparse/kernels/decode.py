@@ -21,7 +21,8 @@ from torch import nn
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache, StoppingCriteriaList
 
 
-def _eos_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None) -> list[int]:
+def eos_token_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """The EOS ids generation stops at: `eos_token_id` if given, else the model's generation config's."""
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
@@ -154,7 +155,7 @@ def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     `logits_processor` (ids, float32 scores) -> scores runs before each argmax, as in `generate`.
     A row that is done is fed padding from its next step on, so the engine never counts a step of it.
     """
-    eos_ids = _eos_ids(model, eos_token_id)
+    eos_ids = eos_token_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
     if attention_mask is None:
