@@ -210,13 +210,17 @@ def test_topk_sites_stay_masked_dense():
     assert engine.report()["execution"]["down"]["decode"] == "masked_dense"
 
 
-def _generate_until(lm, contexts: list[str]) -> list[str]:
+def _until(lm, contexts: list[str], **gen_kwargs) -> list[str]:
     from lm_eval.api.instance import Instance
 
-    requests = [Instance(request_type="generate_until", doc={}, idx=i,
-                         arguments=(c, {"until": ["w7"], "max_gen_toks": 8, "do_sample": False}))
+    kwargs = {"until": ["w111"], "max_gen_toks": 8, "do_sample": False, **gen_kwargs}
+    requests = [Instance(request_type="generate_until", doc={}, idx=i, arguments=(c, dict(kwargs)))
                 for i, c in enumerate(contexts)]
     return lm.generate_until(requests, disable_tqdm=True)
+
+
+# The first prompt meets the stop sequence after two tokens, the others run to max_gen_toks (tiny llama, seed 0).
+EARLY_STOP_CONTEXTS = ["w3 w9 w27 w81", "w5 w10 w15 w20 w25 w30", "w100"]
 
 
 def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_tokenizer_dir):
@@ -229,7 +233,7 @@ def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_toke
     for mode in ("off", "on"):
         lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels=mode, device=DEVICE,
                         batch_size=3, dtype="float32")
-        outputs[mode] = _generate_until(lm, contexts)
+        outputs[mode] = _until(lm, contexts, until=["w7"])
         reports[mode] = lm.sparsity_report()
     assert outputs["on"] == outputs["off"]
     assert all(len(o.split()) > 0 for o in outputs["off"])
@@ -239,19 +243,6 @@ def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_toke
         on, off = reports["on"]["phases"][phase], reports["off"]["phases"][phase]
         assert on["tokens"] == off["tokens"] > 0 and on["sparsity"] == off["sparsity"]
         assert 0.1 < on["sparsity"] < 0.9
-
-
-def _until(lm, contexts: list[str], **gen_kwargs) -> list[str]:
-    from lm_eval.api.instance import Instance
-
-    kwargs = {"until": ["w111"], "max_gen_toks": 8, "do_sample": False, **gen_kwargs}
-    requests = [Instance(request_type="generate_until", doc={}, idx=i, arguments=(c, dict(kwargs)))
-                for i, c in enumerate(contexts)]
-    return lm.generate_until(requests, disable_tqdm=True)
-
-
-# The first prompt meets the stop sequence after two tokens, the others run to max_gen_toks (tiny llama, seed 0).
-EARLY_STOP_CONTEXTS = ["w3 w9 w27 w81", "w5 w10 w15 w20 w25 w30", "w100"]
 
 
 def test_decode_counts_do_not_depend_on_the_batch_size(tmp_path, tiny_tokenizer_dir):
