@@ -12,6 +12,7 @@ from lm_sparse.calibrate.cli import main as calibrate_main
 from lm_sparse.calibrate.pplp import LayerThresholdSearch, calibrate_pplp, column_norms, dense_pass
 from lm_sparse.config import parse_sparsity_args
 from lm_sparse.engine.engine import SparsityEngine
+from lm_sparse.engine.rules import Threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # per test, not for the whole session from import time
 
@@ -64,6 +65,20 @@ def test_threshold_search_is_exact(name):
         assert search.cett(t) == pytest.approx(cett, abs=1e-6)  # sparse updates agree with a fresh matmul
     # far fewer CETT evaluations than candidates (memoised interpolation search)
     assert search.evaluations < 120 < candidates.numel()
+
+
+def test_applied_bf16_mask_is_the_searched_one():
+    """In bf16 the per-neuron rule |a_i| <= t / ||W_i|| drops what the search dropped (n_i <= t), up to a float32
+    rounding of the division at the candidate itself; rounding t / ||W_i|| to nearest bf16 moved ~30 entries."""
+    _, downs, acts = _tiny_acts("llama", tokens=256)
+    weight = downs[1].module.weight
+    a16 = acts[1].to(torch.bfloat16)
+    search = LayerThresholdSearch(a16.float(), weight)
+    scores = a16.float().abs() * column_norms(weight)
+    for target in (0.02, 0.1, 0.3, 0.6):
+        t, _, _ = search.solve(target)
+        applied = Threshold(search.neuron_thresholds(t))(a16) == 0
+        assert int((applied != (scores <= t)).sum()) <= 2
 
 
 def test_no_candidate_qualifies_means_zero_not_wraparound():

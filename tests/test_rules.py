@@ -48,6 +48,26 @@ def test_threshold_keeps_strictly_greater_magnitudes():
     assert Threshold(0.1).describe() == {"rule": "threshold", "value": 0.1}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_threshold_mask_is_exact_in_every_dtype(dtype):
+    """|x| <= t with t the calibrated real number, not t rounded to nearest in x's dtype (which dropped values
+    up to half an ulp above t: in bf16, FAT's EPS=0.05 acted as 0.050049)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 512, generator=gen, dtype=torch.float64) * 0.1).to(dtype)
+    # Thresholds at the dtype's own values, half-way between two of them, and anywhere (float64 scalars and
+    # float32 per-channel vectors, as calibration stores them).
+    grid = x.abs().flatten()[:512].to(torch.float64)
+    nudges = [grid, grid * (1 + 2.0 ** -12), grid * (1 - 2.0 ** -12), torch.rand(512, generator=gen, dtype=torch.float64) * 0.2]
+    for t in nudges:
+        t32 = t.float()
+        want = ~(x.double().abs() <= t32.double())
+        assert torch.equal(Threshold(t32)(x) != 0, want & (x != 0))
+        for scalar in t[:16].tolist():
+            assert torch.equal(Threshold(scalar)(x) != 0, (x.double().abs() > scalar) & (x != 0))
+    bf = torch.tensor([0.0498046875, 0.050048828125, -0.050048828125], dtype=torch.bfloat16)  # around 0.05
+    assert Threshold(0.05)(bf).tolist() == [0.0, 0.050048828125, -0.050048828125]
+
+
 def test_count_only_is_identity():
     x = torch.randn(2, 3)
     assert CountOnly()(x) is x

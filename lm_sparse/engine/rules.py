@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..kernels.reference import round_threshold
+
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
@@ -75,16 +77,13 @@ class Threshold(Rule):
         self.expected_sparsity = expected_sparsity
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def _t(self, x: torch.Tensor) -> float | torch.Tensor:
-        t = self.threshold
-        if isinstance(t, torch.Tensor):
-            key = (x.device, x.dtype)
-            cached = self._cache.get(key)
-            if cached is None:
-                # Compare in x's dtype: the threshold is cast once, not per call.
-                cached = self._cache[key] = t.to(device=x.device, dtype=x.dtype)
-            return cached
-        return t
+    def _t(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            # Compare in x's dtype against t rounded down to it (exactly |x| <= t), cast once, not per call.
+            cached = self._cache[key] = round_threshold(self.threshold, x.dtype, x.device).to(x.dtype)
+        return cached
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.masked_fill(x.abs() <= self._t(x), 0)

@@ -7,7 +7,7 @@
   `lm_sparse::threshold_mask_counted`.
 - `backend.attach_decode_kernels`: registers the kernel as the engine's decode executor on CUDA (q/k/v and
   gate/up fused into one launch when they share the threshold).
-- `decode.generate_static`: greedy/sampled generation with a static KV cache and a compiled decode step.
+- `decode.generate_static`: greedy generation with a static KV cache and a compiled decode step.
 
 Importing this package does not import triton; the submodules do.
 """

@@ -1,8 +1,8 @@
 """Plain-torch references of the sparse kernels: what each kernel must compute, written the obvious way.
 
-The mask is the engine's `Threshold` rule: an input survives unless |x| <= t, compared in x's dtype (the
-threshold is rounded to x's dtype first, as torch does for `x.abs() <= t`). NaN inputs therefore survive,
-exactly as `Threshold` keeps them.
+The mask is the engine's `Threshold` rule: an input survives unless |x| <= t, with t the real number calibrated
+(compared in x's dtype against t rounded down to that dtype, which is the same test: no value of the dtype lies
+between the two). NaN inputs therefore survive, exactly as `Threshold` keeps them.
 """
 
 from __future__ import annotations
@@ -12,13 +12,24 @@ import torch
 
 def round_threshold(threshold: float | torch.Tensor, dtype: torch.dtype,
                     device: torch.device | str | None = None) -> torch.Tensor:
-    """The threshold the kernels take: rounded to the activations' dtype, stored as float32.
+    """The threshold the kernels and the `Threshold` rule take: t rounded *down* to the activations' dtype
+    (the largest value of that dtype <= t), stored as float32 (float64 for float64 activations).
 
-    A scalar gives a 0-d tensor, a per-input-channel threshold a 1-d tensor of length K. Comparing
-    |x| (exactly widened to float32) with this value is the same test as `x.abs() <= t` in x's dtype.
+    A scalar gives a 0-d tensor, a per-input-channel threshold a 1-d tensor of length K. For x in `dtype`,
+    `|x| <= rounded` holds exactly when `|x| <= t` does, so the mask is the calibrated one in every dtype.
+    Rounding to nearest (what `x.abs() <= t` does with a Python float) would also drop values up to half an ulp
+    above t: in bfloat16, FAT's EPS=0.05 would act as 0.050049, and PPL-p%'s per-neuron thresholds would move.
     """
-    t = torch.as_tensor(threshold, device=device)
-    return t.to(dtype).to(torch.float32).contiguous()
+    if isinstance(threshold, torch.Tensor):
+        t = threshold.detach()
+    else:  # a Python float is a double: compare against it exactly, on the CPU (no float64 on some devices)
+        t = torch.tensor(float(threshold), dtype=torch.float64)
+    rounded = t.to(dtype)
+    wide = torch.promote_types(t.dtype, dtype)  # holds both values exactly: an exact comparison
+    above = rounded.to(wide) > t.to(wide)
+    rounded = torch.where(above, torch.nextafter(rounded, torch.full_like(rounded, float("-inf"))), rounded)
+    store = torch.float64 if dtype == torch.float64 else torch.float32
+    return rounded.to(device=device if device is not None else t.device, dtype=store).contiguous()
 
 
 def threshold_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
