@@ -8,8 +8,9 @@ A calibration depends on all four, so the cache key holds a fingerprint of each 
 - tokenizer: its vocabulary, special tokens and the ids of a fixed probe text (BOS handling included);
 - `peft=`, `delta=` and `subfolder=` of lm-eval's HFLM, the keywords it passes on to `from_pretrained`
   (config overrides such as `rms_norm_eps=`), and a quantization config.
-Full file hashes are remembered in `<cache_root()>/file_hashes.json` by (real path, size, mtime, inode), so
-a 16 GB checkpoint is read once, not on every load.
+Full file hashes are remembered in `<cache_root()>/file_hashes.json` by (real path, size, mtime, ctime, inode),
+so a 16 GB checkpoint is read once, not on every load. The change time (ctime) catches an edit whose mtime was
+put back (`cp -p`, `rsync -t`, `touch -d`): no user call can set it.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def _write_memo(memo: dict) -> None:
 
 
 def file_digests(files: list[Path]) -> list[str]:
-    """Full sha256 of each file. A file whose (real path, size, mtime, inode) is unchanged since it was last
-    hashed is not read again."""
+    """Full sha256 of each file. A file whose (real path, size, mtime, ctime, inode) is unchanged since it was
+    last hashed is not read again."""
     from tqdm.auto import tqdm
 
     memo = _read_memo()
@@ -80,7 +81,7 @@ def file_digests(files: list[Path]) -> list[str]:
     todo = []
     for f in files:
         st = f.stat()
-        stamps[f] = (str(f.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino])
+        stamps[f] = (str(f.resolve()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         real, stamp = stamps[f]
         if (memo.get(real) or {}).get("stamp") != stamp:
             todo.append(f)

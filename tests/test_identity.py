@@ -127,22 +127,24 @@ def test_in_memory_models_are_keyed_by_parameters_and_config(monkeypatch):
     assert ident.hash_parameters(model)[0] != big[0]
 
 
-def test_file_hashes_are_remembered_by_path_size_mtime_and_inode(tmp_path, monkeypatch):
+def test_file_hashes_are_remembered_by_path_size_times_and_inode(tmp_path, monkeypatch):
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"a" * 1000)
+    reads = []
+    real_sha256 = ident.file_sha256
+    monkeypatch.setattr(ident, "file_sha256", lambda *a, **k: reads.append(a[0]) or real_sha256(*a, **k))
     first = ident.file_digests([f])[0]
+    assert ident.file_digests([f])[0] == first and len(reads) == 1  # unchanged: the remembered digest
     stat = f.stat()
-    # rewritten in place with the same size and mtime: the remembered digest is used (not read again)
+    # rewritten in place with the same size, its mtime put back: the change time still moved
     with open(f, "r+b") as fh:
         fh.write(b"b")
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert ident.file_digests([f])[0] == first
-    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     second = ident.file_digests([f])[0]
-    assert second != first
+    assert second != first and len(reads) == 2
     # a corrupt memo is ignored, not trusted
     (tmp_path / "cache" / "file_hashes.json").write_text("{not json")
-    assert ident.file_digests([f])[0] == second
+    assert ident.file_digests([f])[0] == second and len(reads) == 3
 
 
 def test_source_entries_stay_out_of_the_key(tmp_path, tiny_tokenizer_dir):
