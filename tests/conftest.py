@@ -22,6 +22,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One clear line instead of every kernel test failing: Triton's interpreter before 3.7 turns 1-element
+    numpy arrays into ints, which numpy 2.4 refuses (seen with triton 3.6.0, numpy 2.4.6)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        triton_version, numpy_version = Version(version("triton")), Version(version("numpy"))
+    except PackageNotFoundError:
+        return
+    if triton_version < Version("3.7") and numpy_version >= Version("2.4"):
+        pytest.exit(f"triton {triton_version}'s CPU interpreter (used by the kernel tests without a GPU) fails "
+                    f"with numpy {numpy_version}: pip install 'numpy<2.4' or 'triton>=3.7'", returncode=4)
+
 from lm_sparse.testing import TINY_CONFIGS, make_tiny_model, save_tiny_model, save_word_tokenizer  # noqa: E402
 
 __all__ = ["TINY_CONFIGS", "make_tiny_model", "save_tiny_model"]  # tests import these from conftest
