@@ -215,22 +215,25 @@ class SparseHFLM(HFLM):
                             kwargs: dict[str, Any]):
         """(logits processors, new tokens) when this request decodes with the static-cache engine: sparse
         kernels attached, greedy, at least one new token, and nothing in the model's generation config that
-        only `generate` applies, nor a stop whose later text lm-eval could keep (else None: `generate` runs, with
-        the same kernels and Python's overhead)."""
+        only `generate` applies, nor a stop whose later text lm-eval could keep, nor autocast on a transformers
+        whose StaticCache cannot hold it (else None: `generate` runs, with the same kernels and Python's
+        overhead)."""
         if not self.engine.decode_executors or not self._is_greedy(kwargs) or max_length - context.shape[1] < 1:
+            return None
+        from .kernels import decode
+
+        if self.mixed_precision_dtype is not None and not decode.static_cache_keeps_value_dtype():
             return None
         # The loop pads a row once it meets a stop; where lm-eval's answer can keep text after the stop (see
         # per_row_stop_criteria), `generate` runs instead.
-        from .kernels.decode import eos_token_ids, static_generation_plan
-
         # (lm-eval always adds the EOS token's text to the stops: an EOS of the generation config ends a row in
         # both loops alike, so that stop does not count.)
-        eos = eos_token_ids(self.model)
+        eos = decode.eos_token_ids(self.model)
         eos_text = {self.tokenizer.decode([i]) for i in eos} | set(self.tokenizer.convert_ids_to_tokens(eos))
         special = set(getattr(self.tokenizer, "all_special_tokens", []) or []) - eos_text
         if getattr(self, "think_end_token", None) or any(s in special for s in (stop or [])):
             return None
-        return static_generation_plan(self.model, max_length - context.shape[1])
+        return decode.static_generation_plan(self.model, max_length - context.shape[1])
 
     @staticmethod
     def _is_greedy(kwargs: dict[str, Any]) -> bool:
@@ -260,6 +263,10 @@ class SparseHFLM(HFLM):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         finally:
             self.engine.counter.synchronize(distributed=self.world_size > 1)
+            if self.engine.decode_executors:  # the static-cache loop ran: free its KV caches
+                from .kernels.decode import release_static_caches
+
+                release_static_caches(self.model)
 
     # -- reporting ------------------------------------------------------------------------------------
     def sparsity_report(self) -> dict[str, Any]:

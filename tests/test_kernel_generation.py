@@ -225,6 +225,7 @@ EARLY_STOP_CONTEXTS = ["w3 w9 w27 w81", "w5 w10 w15 w20 w25 w30", "w100"]
 
 def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_tokenizer_dir):
     """`sparse-hf` with fat=EPS: down_proj runs the kernel in decode steps, and the text is the same."""
+    from lm_sparse.kernels import decode
     from lm_sparse.lm import SparseHFLM
 
     model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
@@ -235,6 +236,9 @@ def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_toke
                         batch_size=3, dtype="float32")
         outputs[mode] = _until(lm, contexts, until=["w7"])
         reports[mode] = lm.sparsity_report()
+        if mode == "on":  # its static KV caches are freed when generate_until returns, made anew next time
+            assert "caches" not in decode._STATE.get(lm.model, {})
+            assert _until(lm, contexts, until=["w7"]) == outputs["on"]
     assert outputs["on"] == outputs["off"]
     assert all(len(o.split()) > 0 for o in outputs["off"])
     assert reports["off"]["execution"]["down"]["decode"] == "masked_dense"
@@ -306,9 +310,32 @@ def test_no_new_tokens_is_generates_error_with_kernels_too(tmp_path, tiny_tokeni
         _until(lm, ["w3 w9"], max_gen_toks=0)
 
 
-def test_kernel_decoding_runs_under_hflms_autocast(tmp_path, tiny_tokenizer_dir):
+def test_static_cache_probe_predicts_autocast_decoding():
+    """The probe says whether this transformers' StaticCache takes an autocast forward (5.17's raises)."""
+    from lm_sparse.kernels.decode import cache_argument, static_cache_keeps_value_dtype
+
+    model = make_tiny_model("llama")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{cache_argument(model): cache})
+        works = True
+    except RuntimeError as exc:
+        assert "dtype" in str(exc)
+        works = False
+    assert static_cache_keeps_value_dtype() == works
+
+
+@pytest.mark.parametrize("cache_ok", [None, False], ids=["this_transformers", "cache_without_value_dtype"])
+def test_kernel_decoding_runs_under_hflms_autocast(tmp_path, tiny_tokenizer_dir, monkeypatch, cache_ok):
+    from lm_sparse.kernels import decode
     from lm_sparse.lm import SparseHFLM
 
+    if cache_ok is not None:
+        monkeypatch.setattr(decode, "static_cache_keeps_value_dtype", lambda: cache_ok)
+    static_calls = []
+    real_generate_static = decode.generate_static
+    monkeypatch.setattr(decode, "generate_static", lambda *a, **k: static_calls.append(1) or real_generate_static(*a, **k))
     model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
     texts = {}
     for mode in ("off", "on"):
@@ -319,6 +346,7 @@ def test_kernel_decoding_runs_under_hflms_autocast(tmp_path, tiny_tokenizer_dir)
                                   "w97 w81 w86 w23 w82 w4 w109 w70 w11 w10 w7 w27 w115"], until=["w7"],
                              max_gen_toks=10)
     assert texts["on"] == texts["off"]
+    assert bool(static_calls) == decode.static_cache_keeps_value_dtype()  # else `generate`, not a crash
 
 
 def test_text_after_a_stop_reaches_the_answer_as_with_hf(tmp_path, tiny_tokenizer_dir):

@@ -11,6 +11,7 @@ EOS or a stopping criterion, or after `max_new_tokens`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Callable, Sequence
@@ -63,6 +64,21 @@ def static_generation_plan(model: nn.Module, max_new_tokens: int) -> tuple[Logit
     return processors, (int(configured) if configured is not None else max_new_tokens)
 
 
+@functools.cache
+def static_cache_keeps_value_dtype() -> bool:
+    """Whether transformers' StaticCache stores the values in their own dtype. Under autocast the keys leave
+    RoPE in float32 while the values stay bfloat16: transformers 5.17 (the GPU image's) allocates both in the
+    keys' dtype and its update then raises, 5.24 does not. Where it does not, autocast runs use `generate`."""
+    try:
+        from transformers.cache_utils import StaticLayer
+
+        layer = StaticLayer(max_cache_len=1)
+        layer.lazy_initialization(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16))
+        return layer.values.dtype == torch.bfloat16
+    except Exception:  # another cache API: `generate` is always right
+        return False
+
+
 def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos_ids: list[int]) -> torch.Tensor:
     """transformers' rule: mask out pad tokens when a pad id is given, present and not an EOS id."""
     if pad_token_id is not None and pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
@@ -98,6 +114,16 @@ def forget_compiled_step(model: nn.Module) -> None:
     """
     _STATE.pop(model, None)
     torch._dynamo.reset()
+
+
+def release_static_caches(model: nn.Module) -> None:
+    """Free the model's static KV caches; the compiled step stays. They are kept across the batches of one
+    `generate_until` (its batch sizes alternate); sparse-hf frees them when it returns, so the tasks that
+    follow (loglikelihood batches sized by `batch_size=auto`) have that memory. Caches made later get other
+    addresses, so CUDA graphs recorded before re-record once."""
+    state = _STATE.get(model)
+    if state is not None:
+        state.pop("caches", None)
 
 
 def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device) -> tuple[StaticCache, int]:
