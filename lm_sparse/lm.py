@@ -74,6 +74,19 @@ def _early_architecture_check(pretrained: Any, kwargs: dict[str, Any]) -> None:
     check_model_type(getattr(config, "model_type", None))
 
 
+def _early_autocast_check(config: SparsityConfig, kwargs: dict[str, Any]) -> None:
+    """sparse_kernels=on with a mixed_precision_dtype other than an explicit dtype: the error, before loading
+    (with dtype=auto it comes from attach_decode_kernels once the weights' dtype is known)."""
+    mixed, dtype = kwargs.get("mixed_precision_dtype"), kwargs.get("dtype")
+    if config.sparse_kernels != "on" or mixed is None or dtype in (None, "auto"):
+        return
+    mixed, dtype = hf_module.get_dtype(mixed), hf_module.get_dtype(dtype)
+    if mixed != dtype:
+        from .kernels.backend import autocast_conflict
+
+        raise SparsityArgumentError(autocast_conflict(dtype, mixed))
+
+
 def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, batch: int,
                           on_done: Callable[[torch.Tensor], None] | None = None, eos_ids: Sequence[int] = (),
                           per_row: bool = True):
@@ -125,6 +138,7 @@ class SparseHFLM(HFLM):
             raise SparsityArgumentError("sparse-hf: pretrained= is required (a Hub id, a local directory or smollm2)")
         pretrained = resolve_pretrained(pretrained)
         _early_architecture_check(pretrained, hf_kwargs)
+        _early_autocast_check(self.sparsity_config, hf_kwargs)
         super().__init__(pretrained=pretrained, **hf_kwargs)
         # HFLM does not keep these; the threshold cache keys by them (identity.lm_model_identity)
         self.gguf_file = hf_kwargs.get("gguf_file")
@@ -149,7 +163,7 @@ class SparseHFLM(HFLM):
             if mode == "on":
                 raise
             return
-        attach_decode_kernels(self.engine, required=(mode == "on"))
+        attach_decode_kernels(self.engine, required=(mode == "on"), autocast_dtype=self.mixed_precision_dtype)
         attach_prefill_masks(self.engine)
 
     # -- model calls: hooks live only inside them ----------------------------------------------------
@@ -215,15 +229,12 @@ class SparseHFLM(HFLM):
                             kwargs: dict[str, Any]):
         """(logits processors, new tokens) when this request decodes with the static-cache engine: sparse
         kernels attached, greedy, at least one new token, and nothing in the model's generation config that
-        only `generate` applies, nor a stop whose later text lm-eval could keep, nor autocast on a transformers
-        whose StaticCache cannot hold it (else None: `generate` runs, with the same kernels and Python's
-        overhead)."""
+        only `generate` applies, nor a stop whose later text lm-eval could keep (else None: `generate` runs, with
+        the same kernels and Python's overhead)."""
         if not self.engine.decode_executors or not self._is_greedy(kwargs) or max_length - context.shape[1] < 1:
             return None
         from .kernels import decode
 
-        if self.mixed_precision_dtype is not None and not decode.static_cache_keeps_value_dtype():
-            return None
         # The loop pads a row once it meets a stop; where lm-eval's answer can keep text after the stop (see
         # per_row_stop_criteria), `generate` runs instead.
         # (lm-eval always adds the EOS token's text to the stops: an EOS of the generation config ends a row in

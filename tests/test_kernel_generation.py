@@ -310,43 +310,48 @@ def test_no_new_tokens_is_generates_error_with_kernels_too(tmp_path, tiny_tokeni
         _until(lm, ["w3 w9"], max_gen_toks=0)
 
 
-def test_static_cache_probe_predicts_autocast_decoding():
-    """The probe says whether this transformers' StaticCache takes an autocast forward (5.17's raises)."""
-    from lm_sparse.kernels.decode import cache_argument, static_cache_keeps_value_dtype
-
-    model = make_tiny_model("llama")
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{cache_argument(model): cache})
-        works = True
-    except RuntimeError as exc:
-        assert "dtype" in str(exc)
-        works = False
-    assert static_cache_keeps_value_dtype() == works
-
-
-@pytest.mark.parametrize("cache_ok", [None, False], ids=["this_transformers", "cache_without_value_dtype"])
-def test_kernel_decoding_runs_under_hflms_autocast(tmp_path, tiny_tokenizer_dir, monkeypatch, cache_ok):
+def test_kernel_decoding_runs_under_autocast_in_the_weights_dtype(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """mixed_precision_dtype equal to the weights' dtype: the static-cache loop runs under HFLM's autocast and
+    gives the masked-dense text."""
     from lm_sparse.kernels import decode
     from lm_sparse.lm import SparseHFLM
 
-    if cache_ok is not None:
-        monkeypatch.setattr(decode, "static_cache_keeps_value_dtype", lambda: cache_ok)
     static_calls = []
     real_generate_static = decode.generate_static
-    monkeypatch.setattr(decode, "generate_static", lambda *a, **k: static_calls.append(1) or real_generate_static(*a, **k))
+    monkeypatch.setattr(decode, "generate_static",
+                        lambda *a, **k: static_calls.append(1) or real_generate_static(*a, **k))
     model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
     texts = {}
     for mode in ("off", "on"):
-        lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels=mode, device=DEVICE, batch_size=1,
-                        dtype="float32", mixed_precision_dtype="bfloat16")
-        # the last prompt's tenth token differs between bfloat16 and float32 (tiny llama, seed 0)
-        texts[mode] = _until(lm, ["w26 w105 w68 w63 w83 w81",
-                                  "w97 w81 w86 w23 w82 w4 w109 w70 w11 w10 w7 w27 w115"], until=["w7"],
-                             max_gen_toks=10)
-    assert texts["on"] == texts["off"]
-    assert bool(static_calls) == decode.static_cache_keeps_value_dtype()  # else `generate`, not a crash
+        lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels=mode, device=DEVICE, batch_size=2,
+                        dtype="bfloat16", mixed_precision_dtype="bfloat16")
+        texts[mode] = _until(lm, EARLY_STOP_CONTEXTS, until=["w7"], max_gen_toks=10)
+    assert texts["on"] == texts["off"] and static_calls
+
+
+def test_kernels_are_not_attached_under_autocast_to_another_dtype(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Autocast runs the masked-dense GEMMs in mixed_precision_dtype, a kernel would multiply the float32 weights
+    as stored (outputs differed by 1.5e-3): sparse_kernels=on says so in one line, before loading where the dtype
+    is given; auto leaves the kernels out."""
+    from lm_sparse.config import SparsityArgumentError
+    from lm_sparse.kernels.backend import attach_decode_kernels
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")  # float32
+    loads = []
+    real_load = SparseHFLM._create_model
+    monkeypatch.setattr(SparseHFLM, "_create_model", lambda self, *a, **k: loads.append(1) or real_load(self, *a, **k))
+    args = dict(pretrained=str(model_dir), fat="0.0004", sparse_kernels="on", device=DEVICE,
+                mixed_precision_dtype="bfloat16")
+    with pytest.raises(SparsityArgumentError, match="mixed_precision_dtype=bfloat16 .* dtype=bfloat16") as err:
+        SparseHFLM(dtype="float32", **args)
+    assert "\n" not in str(err.value) and not loads
+    with pytest.raises(SparsityArgumentError, match="weights as stored \\(float32\\)"):
+        SparseHFLM(**args)  # dtype=auto: known once loaded
+    engine = SparsityEngine(make_tiny_model("llama"))
+    engine.set_rules({s.index: Threshold(0.01) for s in engine.sites_in_groups("mlp_mid")})
+    assert attach_decode_kernels(engine, required=False, allow_interpreter=True, autocast_dtype=torch.bfloat16) == []
+    assert attach_decode_kernels(engine, required=False, allow_interpreter=True, autocast_dtype=torch.float32)
 
 
 def test_text_after_a_stop_reaches_the_answer_as_with_hf(tmp_path, tiny_tokenizer_dir):

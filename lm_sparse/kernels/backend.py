@@ -131,7 +131,7 @@ def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, wit
 
     def execute(x: torch.Tensor):
         wt = module.weight.t()  # the input-major storage (make_input_major)
-        if x.dtype != wt.dtype:  # autocast: the masked-dense path would run the GEMM in the weight's dtype
+        if x.dtype != wt.dtype:  # the kernel multiplies in the weights' dtype (autocast to another: not attached)
             x = x.to(wt.dtype)
         return _run(x, wt, threshold_of(x), module.bias, with_counts, limit)
 
@@ -239,7 +239,16 @@ def _same_threshold(rules: list[Threshold]) -> bool:
     return True
 
 
-def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_interpreter: bool = False) -> list[int]:
+def autocast_conflict(weight_dtype: torch.dtype, autocast_dtype: torch.dtype) -> str:
+    """The one-line error for sparse_kernels=on when autocast would compute in another dtype than the weights'."""
+    name = str(autocast_dtype).removeprefix("torch.")
+    return (f"sparse_kernels=on: mixed_precision_dtype={name} runs the masked-dense GEMMs in {name}, but the "
+            f"kernels read the weights as stored ({str(weight_dtype).removeprefix('torch.')}) and would compute "
+            f"otherwise: load the model with dtype={name}, or use sparse_kernels=auto or off")
+
+
+def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_interpreter: bool = False,
+                          autocast_dtype: torch.dtype | None = None) -> list[int]:
     """Register the sparse kernel as decode executor of every threshold site; return their site indices.
 
     Sites of one layer that read the same input with the same threshold (q/k/v, gate/up: TEAL's group
@@ -247,6 +256,9 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
     expected sparsity)` rows; larger steps run a dense GEMM. Does nothing (returns []) where the kernels
     cannot run (no CUDA, no triton) or no site has a threshold rule; with `required` (sparse_kernels=on)
     those cases raise one clear error instead. `allow_interpreter`: see `kernel_device_problem`.
+    `autocast_dtype` (HFLM's mixed_precision_dtype): where it differs from the weights' dtype, autocast runs the
+    masked-dense GEMMs in it while a kernel would read and multiply the weights as stored, so no kernel is
+    attached (the decode tokens stay the masked-dense ones).
     """
     from .sparse_gemv import SUPPORTED_DTYPES
 
@@ -262,6 +274,10 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
     for site in engine.sites:
         rule = engine.rules.get(site.index)
         if not isinstance(rule, Threshold):
+            continue
+        if autocast_dtype is not None and site.module.weight.dtype != autocast_dtype:
+            if required:
+                raise SparsityArgumentError(autocast_conflict(site.module.weight.dtype, autocast_dtype))
             continue
         if site.module.weight.dtype not in SUPPORTED_DTYPES:
             if required:

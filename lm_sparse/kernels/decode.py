@@ -11,7 +11,6 @@ EOS or a stopping criterion, or after `max_new_tokens`.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import weakref
 from collections.abc import Callable, Sequence
@@ -62,21 +61,6 @@ def static_generation_plan(model: nn.Module, max_new_tokens: int) -> tuple[Logit
         processors.append(RepetitionPenaltyLogitsProcessor(float(penalty)))
     configured = getattr(config, "max_new_tokens", None)
     return processors, (int(configured) if configured is not None else max_new_tokens)
-
-
-@functools.cache
-def static_cache_keeps_value_dtype() -> bool:
-    """Whether transformers' StaticCache stores the values in their own dtype. Under autocast the keys leave
-    RoPE in float32 while the values stay bfloat16: transformers 5.17 (the GPU image's) allocates both in the
-    keys' dtype and its update then raises, 5.24 does not. Where it does not, autocast runs use `generate`."""
-    try:
-        from transformers.cache_utils import StaticLayer
-
-        layer = StaticLayer(max_cache_len=1)
-        layer.lazy_initialization(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16))
-        return layer.values.dtype == torch.bfloat16
-    except Exception:  # another cache API: `generate` is always right
-        return False
 
 
 def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos_ids: list[int]) -> torch.Tensor:
