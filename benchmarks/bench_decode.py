@@ -118,11 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     engine = SparsityEngine(model, pad_token_id=0)
     thresholds = quantile_thresholds(engine, model, prompt, levels)
     rows = []
+    meta = {**environment(device),
+            "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
+            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1, "counting": not args.no_count}
+
+    def save() -> None:
+        """After every row: a run cut off by a time limit keeps the levels it finished."""
+        # CUDA graphs skipped (reduce-overhead falls back silently): the numbers would be eager-speed ones.
+        meta["cudagraph_skips"] = int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0))
+        write_results(args.out, meta, rows)
+
     counting = contextlib.nullcontext if not args.no_count else engine.paused
     with engine.attached(), counting():
         rows.append({"mode": "dense", "level": 0.0,
                      "tokens_per_s": decode_tokens_per_s(model, prompt, new_tokens, repeats)})
         print(f"dense: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    save()
     for level in levels:
         engine.set_rules({i: Threshold(t) for i, t in thresholds[level].items()})
         engine.decode_executors.clear()
@@ -134,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,
                      "speedup": tps / rows[0]["tokens_per_s"], "fused_qkv": _qkv_fused(engine)})
         print(f"teal {level}: {tps:.1f} tokens/s", file=sys.stderr)
-    meta = {**environment(device),
-            "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
-            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1, "counting": not args.no_count}
+        save()
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}, "
           f"prompt {prompt_len}, {new_tokens} new tokens, batch 1\n")
     print("| mode | sparsity | decode tokens/s | speedup vs dense | q/k/v one launch |")
@@ -144,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         fused = {True: "yes", False: "no"}.get(r.get("fused_qkv"), "")
         print(f"| {r['mode']} | {r['level']:.2f} | {r['tokens_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x | {fused} |")
-    write_results(args.out, meta, rows)
+    if meta["cudagraph_skips"]:
+        print(f"WARNING: CUDA graphs were skipped {meta['cudagraph_skips']} times: these are not graph-replay "
+              "numbers (run with TORCH_LOGS=cudagraphs to see why)", file=sys.stderr)
     return 0
 
 

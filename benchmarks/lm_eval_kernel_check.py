@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--max-gen-toks", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, not kernels")
+    parser.add_argument("--results-copy", default=None, help="also copy lm-eval's results file to this path")
     args = parser.parse_args(argv)
     import torch
 
@@ -74,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LM_SPARSE_CACHE": str(out / "cache")}
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    # lm-eval's output goes straight through (a run cut off by a time limit still shows how far it got)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
     seconds = time.perf_counter() - start
-    print(proc.stdout[-6000:])
     if proc.returncode != 0:
-        print(proc.stderr[-6000:], file=sys.stderr)
         return proc.returncode
-    results = json.loads(max((out / "results").rglob("results_*.json"), key=os.path.getmtime).read_text())
+    results_file = max((out / "results").rglob("results_*.json"), key=os.path.getmtime)
+    if args.results_copy:
+        Path(args.results_copy).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(results_file, args.results_copy)
+    results = json.loads(results_file.read_text())
     report = results["config"]["sparsity"]
     decode = report["phases"]["decode"]
     print(f"device {device}, {seconds:.1f} s; weights skipped {report['weights_skipped']:.3f}; "

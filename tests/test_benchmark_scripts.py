@@ -44,6 +44,7 @@ def test_bench_decode_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.5)]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["meta"]["cudagraph_skips"] == 0
     assert rows[1]["fused_qkv"] is True  # one threshold per input: q/k/v run one fused launch, as under sparse-hf
 
 
@@ -55,8 +56,10 @@ def test_bench_prefill_mask_smoke(tmp_path):
 
 def test_lm_eval_kernel_check_smoke(tmp_path):
     proc = _run("lm_eval_kernel_check.py", "--out", str(tmp_path / "check"), "--smoke", "--docs", "3",
-                "--max-gen-toks", "6", cwd=tmp_path)
+                "--max-gen-toks", "6", "--results-copy", str(tmp_path / "out" / "results.json"), cwd=tmp_path)
     assert "decode tokens" in proc.stdout
+    assert "lmsparse_kernel_gen" in proc.stdout  # lm-eval's own table, streamed through
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["sparsity"]["phases"]["decode"]
 
 
 @pytest.fixture
