@@ -54,10 +54,11 @@ def test_threshold_mask_is_exact_in_every_dtype(dtype):
     up to half an ulp above t: in bf16, FAT's EPS=0.05 acted as 0.050049)."""
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 512, generator=gen, dtype=torch.float64) * 0.1).to(dtype)
-    # Thresholds at the dtype's own values, half-way between two of them, and anywhere (float64 scalars and
+    # Thresholds at the dtype's own values, just above and below them, and anywhere (float64 scalars and
     # float32 per-channel vectors, as calibration stores them).
     grid = x.abs().flatten()[:512].to(torch.float64)
-    nudges = [grid, grid * (1 + 2.0 ** -12), grid * (1 - 2.0 ** -12), torch.rand(512, generator=gen, dtype=torch.float64) * 0.2]
+    anywhere = torch.rand(512, generator=gen, dtype=torch.float64) * 0.2
+    nudges = [grid, grid * (1 + 2.0 ** -12), grid * (1 - 2.0 ** -12), anywhere]
     for t in nudges:
         t32 = t.float()
         want = ~(x.double().abs() <= t32.double())
