@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_model
+from conftest import make_tiny_model, save_tiny_model
 from lm_sparse.config import SparsityArgumentError, SparsityConfig, parse_sparsity_args
 from lm_sparse.engine import CountOnly, Threshold, TopK, UnsupportedArchitectureError
+from lm_sparse.kernels.reference import masked_input, round_threshold
 
 torch.set_num_threads(1)
 
@@ -67,6 +68,34 @@ def test_threshold_mask_is_exact_in_every_dtype(dtype):
             assert torch.equal(Threshold(scalar)(x) != 0, (x.double().abs() > scalar) & (x != 0))
     bf = torch.tensor([0.0498046875, 0.050048828125, -0.050048828125], dtype=torch.bfloat16)  # around 0.05
     assert Threshold(0.05)(bf).tolist() == [0.0, 0.050048828125, -0.050048828125]
+    # an integer threshold tensor, and float64 activations (the reference compares in their precision too)
+    assert Threshold(torch.tensor(259))(torch.tensor([258.0, 260.0], dtype=torch.bfloat16)).tolist() == [0.0, 260.0]
+    f64 = torch.tensor([0.1 - 1e-12, 0.1, 0.1 + 1e-12], dtype=torch.float64)
+    assert Threshold(0.1)(f64).tolist() == [0.0, 0.0, 0.1 + 1e-12]
+    assert torch.equal(masked_input(f64, round_threshold(0.1, torch.float64)), Threshold(0.1)(f64))
+
+
+def test_thresholds_prepared_by_the_engine_compile_once():
+    """The engine rounds each Threshold for its site's weight ahead; one filled on its first call inside a
+    compiled step fails the step's own guard on the rule's cache and compiles twice."""
+    from torch._dynamo.testing import CompileCounter
+
+    from lm_sparse.engine.engine import SparsityEngine
+
+    model = make_tiny_model("llama")
+    engine = SparsityEngine(model)
+    downs = engine.sites_in_groups("mlp_mid")
+    engine.set_rules({s.index: Threshold(0.01) for s in downs})
+    x = torch.randn(2, downs[0].module.in_features)
+    frames = []
+    for rule in (engine.rules[downs[0].index], Threshold(0.01)):  # prepared by set_rules, and not
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        step = torch.compile(lambda v, rule=rule: rule(v) * 2, backend=counter, fullgraph=True)
+        step(x)
+        step(x)
+        frames.append(counter.frame_count)
+    assert frames == [1, 2]
 
 
 def test_count_only_is_identity():

@@ -57,6 +57,8 @@ class BlockRunner:
                  threshold: Callable[[int, float], float]):
         self.layer, self.sites, self.hidden, self.kwargs = layer, sites, hidden, kwargs
         self.threshold = threshold
+        # One rule per (position, level): a rule rounds its threshold once per dtype and device, not per call.
+        self._rules: dict[tuple[int, float], Threshold] = {}
         self.levels: tuple[float, ...] = (0.0,) * len(sites)
         self.use_memo = True
         order = [GROUP_ORDER[s.group] for s in sites]
@@ -81,6 +83,12 @@ class BlockRunner:
     def _key(self, deps: tuple[int, ...]) -> tuple:
         return tuple(self.levels[j] for j in deps)
 
+    def _rule(self, position: int, level: float) -> Threshold:
+        rule = self._rules.get((position, level))
+        if rule is None:
+            rule = self._rules[(position, level)] = Threshold(self.threshold(position, level))
+        return rule
+
     def _linear_forward(self, position: int, dense_forward: Callable) -> Callable:
         memo = self.memo.setdefault(position, {})
         deps = self.deps[position]
@@ -90,7 +98,7 @@ class BlockRunner:
             out = memo.get(key) if self.use_memo else None
             if out is None:
                 level = self.levels[position]
-                out = dense_forward(Threshold(self.threshold(position, level))(x) if level > 0 else x)
+                out = dense_forward(self._rule(position, level)(x) if level > 0 else x)
                 if self.use_memo:
                     memo[key] = out
             return out

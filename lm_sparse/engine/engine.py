@@ -26,7 +26,7 @@ from torch import nn
 
 from .accounting import PHASES, SparsityCounter
 from .arch import FFN_GROUPS, Site, activation_name, resolve_sites
-from .rules import CountOnly, Rule
+from .rules import CountOnly, Rule, Threshold
 
 PREFILL, DECODE = 0, 1
 
@@ -98,6 +98,11 @@ class SparsityEngine:
     def set_rules(self, rules: dict[int, Rule]) -> None:
         """Install the rule of each site (by site index); sites left out are not touched or counted."""
         self.rules = dict(rules)
+        by_index = {s.index: s for s in self.sites}
+        for index, rule in self.rules.items():
+            weight = getattr(by_index[index].module, "weight", None) if index in by_index else None
+            if isinstance(rule, Threshold) and isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+                rule.prepare(weight.device, weight.dtype)
 
     def count_natural_zeros(self) -> None:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""

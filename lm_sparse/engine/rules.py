@@ -77,13 +77,19 @@ class Threshold(Rule):
         self.expected_sparsity = expected_sparsity
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def _t(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The threshold as compared with inputs of this device and dtype, made once. The engine prepares the
+        site's weight (device, dtype) ahead: a compiled step that filled the cache on its first call would fail
+        its own guard and compile twice."""
+        key = (device, dtype)
         cached = self._cache.get(key)
         if cached is None:
             # Compare in x's dtype against t rounded down to it (exactly |x| <= t), cast once, not per call.
-            cached = self._cache[key] = round_threshold(self.threshold, x.dtype, x.device).to(x.dtype)
+            cached = self._cache[key] = round_threshold(self.threshold, dtype, device).to(dtype)
         return cached
+
+    def _t(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prepare(x.device, x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.masked_fill(x.abs() <= self._t(x), 0)

@@ -20,21 +20,27 @@ def round_threshold(threshold: float | torch.Tensor, dtype: torch.dtype,
     Rounding to nearest (what `x.abs() <= t` does with a Python float) would also drop values up to half an ulp
     above t: in bfloat16, FAT's EPS=0.05 would act as 0.050049, and PPL-p%'s per-neuron thresholds would move.
     """
+    # Rounded on the CPU (float64 is missing on some devices, nextafter for float16 on CUDA before torch 2.6);
+    # it runs once per (device, dtype). A Python float is a double: compared against exactly.
     if isinstance(threshold, torch.Tensor):
-        t = threshold.detach()
-    else:  # a Python float is a double: compare against it exactly, on the CPU (no float64 on some devices)
-        t = torch.tensor(float(threshold), dtype=torch.float64)
+        target = threshold.device if device is None else device
+        t = threshold.detach().cpu()
+    else:
+        target, t = device, torch.tensor(float(threshold), dtype=torch.float64)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
     rounded = t.to(dtype)
     wide = torch.promote_types(t.dtype, dtype)  # holds both values exactly: an exact comparison
     above = rounded.to(wide) > t.to(wide)
     rounded = torch.where(above, torch.nextafter(rounded, torch.full_like(rounded, float("-inf"))), rounded)
     store = torch.float64 if dtype == torch.float64 else torch.float32
-    return rounded.to(device=device if device is not None else t.device, dtype=store).contiguous()
+    return rounded.to(device=target, dtype=store).contiguous()
 
 
 def threshold_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Boolean keep-mask of x under a threshold from `round_threshold` (broadcast over the last dim)."""
-    return ~(x.abs().to(torch.float32) <= threshold.to(x.device))
+    wide = torch.promote_types(x.dtype, threshold.dtype)  # float32, or float64 for float64 activations
+    return ~(x.abs().to(wide) <= threshold.to(device=x.device, dtype=wide))
 
 
 def masked_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
