@@ -74,14 +74,18 @@ def _early_architecture_check(pretrained: Any, kwargs: dict[str, Any]) -> None:
     check_model_type(getattr(config, "model_type", None))
 
 
-def _early_autocast_check(config: SparsityConfig, kwargs: dict[str, Any]) -> None:
+def _early_autocast_check(pretrained: Any, config: SparsityConfig, kwargs: dict[str, Any]) -> None:
     """sparse_kernels=on with a mixed_precision_dtype other than an explicit dtype: the error, before loading
     (with dtype=auto it comes from attach_decode_kernels once the weights' dtype is known)."""
     mixed, dtype = kwargs.get("mixed_precision_dtype"), kwargs.get("dtype")
-    if config.sparse_kernels != "on" or mixed is None or dtype in (None, "auto"):
+    # (HFLM takes dtype= only for a model it loads: not for a model object passed as pretrained=)
+    if config.sparse_kernels != "on" or mixed is None or dtype in (None, "auto") or not isinstance(pretrained, str):
         return
-    mixed, dtype = hf_module.get_dtype(mixed), hf_module.get_dtype(dtype)
-    if mixed != dtype:
+    try:
+        mixed, dtype = hf_module.get_dtype(mixed), hf_module.get_dtype(dtype)
+    except AttributeError:  # not a dtype name: HFLM says so, in its own words
+        return
+    if isinstance(mixed, torch.dtype) and isinstance(dtype, torch.dtype) and mixed != dtype:
         from .kernels.backend import autocast_conflict
 
         raise SparsityArgumentError(autocast_conflict(dtype, mixed))
@@ -138,7 +142,7 @@ class SparseHFLM(HFLM):
             raise SparsityArgumentError("sparse-hf: pretrained= is required (a Hub id, a local directory or smollm2)")
         pretrained = resolve_pretrained(pretrained)
         _early_architecture_check(pretrained, hf_kwargs)
-        _early_autocast_check(self.sparsity_config, hf_kwargs)
+        _early_autocast_check(pretrained, self.sparsity_config, hf_kwargs)
         super().__init__(pretrained=pretrained, **hf_kwargs)
         # HFLM does not keep these; the threshold cache keys by them (identity.lm_model_identity)
         self.gguf_file = hf_kwargs.get("gguf_file")
@@ -163,7 +167,8 @@ class SparseHFLM(HFLM):
             if mode == "on":
                 raise
             return
-        attach_decode_kernels(self.engine, required=(mode == "on"), autocast_dtype=self.mixed_precision_dtype)
+        attach_decode_kernels(self.engine, required=(mode == "on"),
+                              autocast_dtype=getattr(self, "mixed_precision_dtype", None))
         attach_prefill_masks(self.engine)
 
     # -- model calls: hooks live only inside them ----------------------------------------------------
@@ -210,8 +215,8 @@ class SparseHFLM(HFLM):
 
                 processors, max_new = plan
                 criteria = per_row_stop_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
-                with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                    enabled=self.mixed_precision_dtype is not None):  # as HFLM's generate
+                mixed = getattr(self, "mixed_precision_dtype", None)  # (lm-eval 0.4.8 lacks it)
+                with torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):
                     return generate_static(self.model, context, kwargs.get("attention_mask"), max_new, criteria,
                                            self.tokenizer.pad_token_id, None, logits_processor=processors)
             from .kernels.decode import eos_token_ids

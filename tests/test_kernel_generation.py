@@ -198,6 +198,42 @@ def test_executor_with_counts_returns_the_engines_zero_count():
     assert torch.equal(zeros, (rule(x) == 0).sum(-1))
 
 
+def test_executor_masks_an_input_of_another_dtype_as_the_rule_does():
+    """x in float32 at a bfloat16 site: masked in float32 first (0.04995 <= 0.05 is dropped, though it rounds
+    to 0.050049 in bfloat16), then multiplied in bfloat16."""
+    from lm_sparse.kernels.backend import make_decode_executor, make_input_major
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 24, bias=False).to(torch.bfloat16)
+    make_input_major(lin)
+    x = torch.randn(2, 1, 48) * 0.05
+    x[..., :4] = torch.tensor([0.04995, -0.04995, 0.05001, 0.05])
+    rule = Threshold(0.05)
+    y, zeros = make_decode_executor(lin, 0.05, with_counts=True)(x)
+    expected = torch.nn.functional.linear(rule(x).to(torch.bfloat16), lin.weight)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(zeros, (rule(x) == 0).sum(-1))
+
+
+def test_static_caches_stay_where_a_compiled_step_holds_them(monkeypatch):
+    """torch < 2.10 guards static-address tensors by identity: freeing the caches would free nothing and
+    recompile the step at every generate_until, so they are kept there."""
+    from lm_sparse.kernels import decode
+
+    model = _model()
+    ids, _ = _prompts(1, 5, seed=1)
+    generate_static(model, ids, None, 3, None, 0, None)
+    decode._STATE[model]["compiled"] = object()  # as after a compiled run
+    monkeypatch.setattr(decode, "_static_addresses_unguarded", lambda: False)
+    decode.release_static_caches(model)
+    assert decode._STATE[model]["caches"]
+    monkeypatch.setattr(decode, "_static_addresses_unguarded", lambda: True)
+    decode.release_static_caches(model)
+    assert "caches" not in decode._STATE[model]
+    assert decode._static_addresses_unguarded() == (tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10))
+    decode._STATE.pop(model)
+
+
 def test_topk_sites_stay_masked_dense():
     model = _model()
     engine = SparsityEngine(model, pad_token_id=0)
@@ -352,6 +388,19 @@ def test_kernels_are_not_attached_under_autocast_to_another_dtype(tmp_path, tiny
     engine.set_rules({s.index: Threshold(0.01) for s in engine.sites_in_groups("mlp_mid")})
     assert attach_decode_kernels(engine, required=False, allow_interpreter=True, autocast_dtype=torch.bfloat16) == []
     assert attach_decode_kernels(engine, required=False, allow_interpreter=True, autocast_dtype=torch.float32)
+    # a model object: HFLM ignores dtype=, so only its weights' dtype decides (bfloat16 here: attached)
+    bf16_model = make_tiny_model("llama").to(torch.bfloat16)
+    lm = SparseHFLM(**{**args, "pretrained": bf16_model}, tokenizer=str(model_dir), dtype="float32", batch_size=1)
+    assert lm.engine.decode_executors
+
+
+def test_prefill_masks_only_where_the_kernel_takes_the_dtype():
+    """float64 weights: no fused mask kernel (it compares in float32), the rule masks in float64."""
+    from lm_sparse.kernels.backend import attach_prefill_masks
+
+    engine = SparsityEngine(make_tiny_model("llama").double())
+    engine.set_rules({s.index: Threshold(0.01) for s in engine.sites_in_groups("mlp_mid")})
+    assert attach_prefill_masks(engine, allow_interpreter=True) == []
 
 
 def test_text_after_a_stop_reaches_the_answer_as_with_hf(tmp_path, tiny_tokenizer_dir):

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import SparsityArgumentError
 from ..engine.rules import Threshold
-from .reference import round_threshold
+from .reference import masked_input, round_threshold
 
 
 def kernel_device_problem(device: torch.device, allow_interpreter: bool = False) -> str | None:
@@ -116,6 +116,13 @@ def _run(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, bias: torch.Tensor 
     return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias, max_rows)
 
 
+def _premasked(x: torch.Tensor, threshold_of, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in another dtype than the weights' (the kernel multiplies in theirs): masked in its own dtype, as the
+    rule masks it, then cast, with a zero threshold for the kernel (which then skips exactly the zeros).
+    No supported architecture feeds a site another dtype; this keeps such a model exact, not fast."""
+    return masked_input(x, threshold_of(x)).to(dtype), round_threshold(0.0, dtype, x.device)
+
+
 def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, with_counts: bool = False,
                          max_rows: int | None = None):
     """fn(x [B, 1, K]) -> the module's output (bias included) through the sparse kernel.
@@ -131,9 +138,11 @@ def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, wit
 
     def execute(x: torch.Tensor):
         wt = module.weight.t()  # the input-major storage (make_input_major)
-        if x.dtype != wt.dtype:  # the kernel multiplies in the weights' dtype (autocast to another: not attached)
-            x = x.to(wt.dtype)
-        return _run(x, wt, threshold_of(x), module.bias, with_counts, limit)
+        if x.dtype != wt.dtype:
+            x, t = _premasked(x, threshold_of, wt.dtype)
+        else:
+            t = threshold_of(x)
+        return _run(x, wt, t, module.bias, with_counts, limit)
 
     return execute
 
@@ -179,8 +188,8 @@ def make_fused_decode_executors(modules: list[nn.Linear], threshold: float | tor
     def executor(i: int):
         def execute(x: torch.Tensor):
             if state["x"] is not x:
-                xin = x.to(wt.dtype) if x.dtype != wt.dtype else x
-                out = _run(xin, wt, threshold_of(xin), bias, with_counts, limit)
+                xin, t = _premasked(x, threshold_of, wt.dtype) if x.dtype != wt.dtype else (x, threshold_of(x))
+                out = _run(xin, wt, t, bias, with_counts, limit)
                 y, zeros = out if with_counts else (out, None)
                 state.update(x=x, outs=y.split(sizes, dim=-1), zeros=zeros, served=0)
             y, zeros = state["outs"][i], state["zeros"]
@@ -218,9 +227,11 @@ def attach_prefill_masks(engine, allow_interpreter: bool = False) -> list[int]:
     if kernel_device_problem(device, allow_interpreter) is not None:
         return []
     attached = []
+    from .sparse_gemv import SUPPORTED_DTYPES
+
     for site in engine.sites:
         rule = engine.rules.get(site.index)
-        if isinstance(rule, Threshold):
+        if isinstance(rule, Threshold) and site.module.weight.dtype in SUPPORTED_DTYPES:
             engine.set_prefill_masker(site.index, make_prefill_masker(rule.threshold, site.module.weight))
             attached.append(site.index)
     return attached

@@ -100,13 +100,25 @@ def forget_compiled_step(model: nn.Module) -> None:
     torch._dynamo.reset()
 
 
+def _static_addresses_unguarded() -> bool:
+    """Whether dynamo leaves tensors marked as static addresses (transformers marks the StaticCache's) unguarded,
+    as since torch 2.10. Before, each was guarded by identity and held by the compiled step: a cache made anew
+    recompiled the step, and the old one stayed alive there."""
+    try:
+        return inspect.signature(torch._dynamo.mark_static_address).parameters["guard"].default is False
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
 def release_static_caches(model: nn.Module) -> None:
     """Free the model's static KV caches; the compiled step stays. They are kept across the batches of one
     `generate_until` (its batch sizes alternate); sparse-hf frees them when it returns, so the tasks that
     follow (loglikelihood batches sized by `batch_size=auto`) have that memory. Caches made later get other
-    addresses, so CUDA graphs recorded before re-record once."""
+    addresses, so CUDA graphs recorded before re-record once. Where a compiled step holds its caches
+    (torch < 2.10, see `_static_addresses_unguarded`), they are kept: freeing would free nothing and
+    recompile the step at every call."""
     state = _STATE.get(model)
-    if state is not None:
+    if state is not None and ("compiled" not in state or _static_addresses_unguarded()):
         state.pop("caches", None)
 
 
