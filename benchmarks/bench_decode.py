@@ -122,19 +122,25 @@ def main(argv: list[str] | None = None) -> int:
             "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
             "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1, "counting": not args.no_count}
 
-    def save() -> None:
+    def skips() -> int:
+        """CUDA graphs skipped so far (reduce-overhead falls back silently: eager-speed numbers)."""
+        return int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0))
+
+    def save(skips_before: int) -> None:
         """After every row: a run cut off by a time limit keeps the levels it finished."""
-        # CUDA graphs skipped (reduce-overhead falls back silently): the numbers would be eager-speed ones.
-        meta["cudagraph_skips"] = int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0))
+        rows[-1]["cudagraph_skips"] = skips() - skips_before
+        meta["cudagraph_skips"] = sum(r["cudagraph_skips"] for r in rows)
         write_results(args.out, meta, rows)
 
     counting = contextlib.nullcontext if not args.no_count else engine.paused
+    before = skips()
     with engine.attached(), counting():
         rows.append({"mode": "dense", "level": 0.0,
                      "tokens_per_s": decode_tokens_per_s(model, prompt, new_tokens, repeats)})
         print(f"dense: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    save()
+    save(before)
     for level in levels:
+        before = skips()
         engine.set_rules({i: Threshold(t) for i, t in thresholds[level].items()})
         engine.decode_executors.clear()
         attach_decode_kernels(engine, required=True, allow_interpreter=args.smoke)
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,
                      "speedup": tps / rows[0]["tokens_per_s"], "fused_qkv": _qkv_fused(engine)})
         print(f"teal {level}: {tps:.1f} tokens/s", file=sys.stderr)
-        save()
+        save(before)
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}, "
           f"prompt {prompt_len}, {new_tokens} new tokens, batch 1\n")
     print("| mode | sparsity | decode tokens/s | speedup vs dense | q/k/v one launch |")

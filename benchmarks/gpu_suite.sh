@@ -34,6 +34,13 @@ run_step() {
   if [ "$rc" -gt "$WORST" ]; then WORST=$rc; fi
 }
 
+for step in "$@"; do  # every name checked before anything runs
+  case $step in
+    wheels|env|tests|check|gemv|gemv70|decode|prefill) ;;
+    *) echo "gpu_suite.sh: unknown step '$step' (wheels env tests check gemv gemv70 decode prefill)" >&2; exit 2 ;;
+  esac
+done
+
 for step in "$@"; do
   case $step in
     wheels)  # pytest and its dependencies, beside lm-eval's wheels (python 3.12, any platform)
@@ -64,9 +71,6 @@ for step in "$@"; do
     prefill)
       setup
       run_step prefill python3 benchmarks/bench_prefill_mask.py --out "$OUT/bench_prefill_mask.json" ;;
-    *)
-      echo "gpu_suite.sh: unknown step '$step' (wheels env tests check gemv gemv70 decode prefill)" >&2
-      exit 2 ;;
   esac
 done
 exit "$WORST"
