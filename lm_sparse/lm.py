@@ -167,8 +167,7 @@ class SparseHFLM(HFLM):
             if mode == "on":
                 raise
             return
-        attach_decode_kernels(self.engine, required=(mode == "on"),
-                              autocast_dtype=getattr(self, "mixed_precision_dtype", None))
+        attach_decode_kernels(self.engine, required=(mode == "on"), autocast_dtype=self.mixed_precision_dtype)
         attach_prefill_masks(self.engine)
 
     # -- model calls: hooks live only inside them ----------------------------------------------------
@@ -215,7 +214,7 @@ class SparseHFLM(HFLM):
 
                 processors, max_new = plan
                 criteria = per_row_stop_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
-                mixed = getattr(self, "mixed_precision_dtype", None)  # (lm-eval 0.4.8 lacks it)
+                mixed = self.mixed_precision_dtype
                 with torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):
                     return generate_static(self.model, context, kwargs.get("attention_mask"), max_new, criteria,
                                            self.tokenizer.pad_token_id, None, logits_processor=processors)
