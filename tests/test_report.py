@@ -100,6 +100,7 @@ def test_leaderboard_rows_scores_deltas_and_sparsity(sweep_dir: Path):
     assert topk5[6:9] == ["0.500", "0.500", "-"]  # attention inputs: nothing sparsified (None), not 0
     assert rows[1][-1] == "abcdef012345"  # the calibration identity
     assert dense[-1] == "-"
+    assert dense[6:9] == ["0.010", "0.010", "-"]  # a dense sparse-hf run counts the FFN, not attention
 
 
 def test_newest_file_wins_for_the_same_run(tmp_path: Path):

@@ -295,8 +295,9 @@ def format_delta(score: Score | None, base: Score | None) -> str:
 
 
 def _measured_cell(run: Run, scope: str) -> str:
-    """The measured sparsity, or '-' where the sparse run's report says nothing was sparsified (None)."""
-    if run.sparsity is not None and not run.is_dense and run.sparsity.get(scope) is None:
+    """The measured sparsity, or '-' where the run's report says nothing there was counted (None): a dense
+    sparse-hf run counts the FFN's natural zeros, not attention's. `--model hf` runs (no report): 0."""
+    if run.sparsity is not None and run.sparsity.get(scope) is None:
         return "-"
     return f"{run.measured(scope):.3f}"
 
