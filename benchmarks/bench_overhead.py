@@ -80,7 +80,7 @@ def run_one(model: str, model_args: str, task_dir: str, batch_size: int) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="../shared/data/gsm8k_train.jsonl")
+    ap.add_argument("--data", default="/work/shared/data/gsm8k_train.jsonl")
     ap.add_argument("--requests", type=int, default=200, help="loglikelihood requests (4 per question)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
