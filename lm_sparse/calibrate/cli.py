@@ -22,7 +22,9 @@ ARGUMENTS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--device",), dict(default="cpu", help="cpu, cuda, cuda:0, ...")),
     (("--revision",), dict(default=None, help="Hub revision of --model")),
     (("--calib-data",), dict(default=None, help="local .txt/.jsonl file or hf:dataset/config:split")),
-    (("--calib-tokens",), dict(type=int, default=None, help="calibration tokens (default: PPL-p%% 16384 CPU, 65536 CUDA; TEAL 8192 CPU, 65536 CUDA)")),
+    (("--calib-tokens",), dict(type=int, default=None,
+                                      help="calibration tokens (default: PPL-p%% 16384 CPU, 65536 CUDA; "
+                                           "TEAL 8192 CPU, 65536 CUDA)")),
     (("--calib-seqlen",), dict(type=int, default=None, help="calibration window length (default 512)")),
     (("--calib-seed",), dict(type=int, default=0, help="seed for sampling calibration windows")),
     (("--recalibrate",), dict(action="store_true", help="ignore cached files and calibrate again")),
