@@ -312,6 +312,16 @@ def _with_generation_config(model_dir, **settings) -> None:
     config.save_pretrained(model_dir)
 
 
+def _count_static_decoding(monkeypatch) -> list:
+    """A list that gets one entry per `generate_static` call made through sparse-hf (the static-cache loop)."""
+    from lm_sparse.kernels import decode
+
+    calls: list = []
+    real = decode.generate_static
+    monkeypatch.setattr(decode, "generate_static", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("settings, static", [({"repetition_penalty": 1.5}, True), ({"max_new_tokens": 3}, True),
                                               ({"no_repeat_ngram_size": 2}, False)])
 def test_kernel_decoding_follows_the_models_generation_config(tmp_path, tiny_tokenizer_dir, monkeypatch,
@@ -320,14 +330,11 @@ def test_kernel_decoding_follows_the_models_generation_config(tmp_path, tiny_tok
     and leaves the rest to `generate`: the text is --model hf's either way."""
     from lm_eval.models.huggingface import HFLM
 
-    from lm_sparse.kernels import decode
     from lm_sparse.lm import SparseHFLM
 
     model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
     _with_generation_config(model_dir, **settings)
-    calls = []
-    real = decode.generate_static
-    monkeypatch.setattr(decode, "generate_static", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_static_decoding(monkeypatch)
     hf = HFLM(pretrained=str(model_dir), device=DEVICE, batch_size=3, dtype="float32")
     lm = SparseHFLM(pretrained=str(model_dir), fat="0.0004", sparse_kernels="on", device=DEVICE, batch_size=3,
                     dtype="float32")
@@ -349,13 +356,9 @@ def test_no_new_tokens_is_generates_error_with_kernels_too(tmp_path, tiny_tokeni
 def test_kernel_decoding_runs_under_autocast_in_the_weights_dtype(tmp_path, tiny_tokenizer_dir, monkeypatch):
     """mixed_precision_dtype equal to the weights' dtype: the static-cache loop runs under HFLM's autocast and
     gives the masked-dense text."""
-    from lm_sparse.kernels import decode
     from lm_sparse.lm import SparseHFLM
 
-    static_calls = []
-    real_generate_static = decode.generate_static
-    monkeypatch.setattr(decode, "generate_static",
-                        lambda *a, **k: static_calls.append(1) or real_generate_static(*a, **k))
+    static_calls = _count_static_decoding(monkeypatch)
     model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
     texts = {}
     for mode in ("off", "on"):
