@@ -112,6 +112,8 @@ def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, 
     batch_level = stop_sequences_criteria(tokenizer, stop, initial_length, batch)
 
     class PerRow(StoppingCriteria):
+        eos: torch.Tensor | None = None  # `eos_ids` on the rows' device, made at the first step, not at each
+
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             n = input_ids.shape[0]
             done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
@@ -123,8 +125,9 @@ def per_row_stop_criteria(tokenizer: Any, stop: list[str], initial_length: int, 
                 else:  # beam search: n rows are beams, lm-eval tracks prompts; its batch-level answer holds
                     done |= torch.as_tensor(bool(answer), device=done.device).expand(n)
             if on_done is not None:  # rows whose last token is EOS are done too (generate's own criterion)
-                eos = torch.tensor(list(eos_ids), dtype=input_ids.dtype, device=input_ids.device)
-                on_done(done | torch.isin(input_ids[:, -1], eos))
+                if self.eos is None:
+                    self.eos = torch.tensor(list(eos_ids), dtype=input_ids.dtype, device=input_ids.device)
+                on_done(done | torch.isin(input_ids[:, -1], self.eos))
             return done if per_row else done.all().expand(n)
 
     return StoppingCriteriaList([PerRow()])
