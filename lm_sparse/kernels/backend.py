@@ -226,9 +226,9 @@ def attach_prefill_masks(engine, allow_interpreter: bool = False) -> list[int]:
     device = next(engine.model.parameters()).device
     if kernel_device_problem(device, allow_interpreter) is not None:
         return []
-    attached = []
     from .sparse_gemv import SUPPORTED_DTYPES
 
+    attached = []
     for site in engine.sites:
         rule = engine.rules.get(site.index)
         if isinstance(rule, Threshold) and site.module.weight.dtype in SUPPORTED_DTYPES:

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import CALIBRATION_ARGS as CALIBRATED_ONLY, RULE_ARGS, SparsityArgumentError, parse_sparsity_args
+from ..config import CALIBRATION_ARGS, RULE_ARGS, SparsityArgumentError, parse_sparsity_args
 
 
 # TEAL's own settings: sparse-hf takes them with teal=S, or with ppl_p=P when method=teal.
 TEAL_ARGS = frozenset({"teal_mode", "teal_greedy_steps", "teal_greedy_tokens"})
-# sparse-hf arguments that only make sense with a calibrated rule (ppl_p=P or teal=S).
-CALIBRATION_ARGS = frozenset({"method", *TEAL_ARGS, *CALIBRATED_ONLY})
+# sparse-hf arguments that only make sense at a calibrated level (ppl_p=P or teal=S): config's, method= and TEAL's.
+CALIBRATED_LEVEL_ARGS = frozenset({"method", *TEAL_ARGS, *CALIBRATION_ARGS})
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,10 @@ def level_model_args(base: dict[str, str], level: Level) -> str:
     # Calibration arguments in --model_args apply to the calibrated levels only (sparse-hf rejects them
     # elsewhere): teal takes all but method=, ppl_p all but TEAL's own unless method=teal, the others none.
     teal_method = base.get("method", "").strip().lower() == "teal"
-    calibrated = {"ppl_p": CALIBRATION_ARGS if teal_method else CALIBRATION_ARGS - TEAL_ARGS,
-                  "teal": CALIBRATION_ARGS - {"method"}}
+    calibrated = {"ppl_p": CALIBRATED_LEVEL_ARGS if teal_method else CALIBRATED_LEVEL_ARGS - TEAL_ARGS,
+                  "teal": CALIBRATED_LEVEL_ARGS - {"method"}}
     allowed = next((calibrated[k] for k in level.args if k in calibrated), frozenset())
-    shared = {k: v for k, v in base.items() if k not in CALIBRATION_ARGS or k in allowed}
+    shared = {k: v for k, v in base.items() if k not in CALIBRATED_LEVEL_ARGS or k in allowed}
     merged = {**shared, **level.args}
     return ",".join(f"{k}={v}" for k, v in merged.items())
 
