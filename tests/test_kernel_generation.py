@@ -78,6 +78,21 @@ def test_generate_static_reuses_its_cache_across_calls(monkeypatch):
     # batch 3 made once and reused after batch 1; batch 2 evicted the least recently used (batch 1)
     assert len(made) == 4
 
+def test_kept_static_caches_hold_at_most_twice_the_largest_ones_memory(monkeypatch):
+    """lm-eval hands generate_until its requests longest first: the length buckets shrink as a run goes on, and
+    keeping every bucket's cache of a large batch would hold several times the KV memory planned for."""
+    from lm_sparse.kernels import decode
+
+    monkeypatch.setattr(decode, "CACHE_BUCKET", 8)
+    model = _model()
+    kept = []
+    for batch, length in ((4, 30), (4, 22), (4, 14), (1, 14), (4, 6)):
+        ids, _ = _prompts(batch, length)
+        generate_static(model, ids, None, 2, None, 0, None)
+        kept.append(sorted((b, n) for b, n, _ in decode._STATE[model]["caches"]))
+    assert kept == [[(4, 32)], [(4, 24), (4, 32)], [(4, 16), (4, 24)], [(1, 16), (4, 16), (4, 24)],
+                    [(1, 16), (4, 8), (4, 16)]]
+
 
 def test_generate_static_passes_the_cache_under_the_models_name_for_it():
     """transformers 5.17 (and 4.x) take `past_key_values`, later 5.x `cache`: a wrong name would be swallowed by

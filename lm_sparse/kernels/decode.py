@@ -74,6 +74,10 @@ def default_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eo
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 CACHE_BUCKET = 256  # cache lengths are rounded up to a multiple of this, to bound recompilations
 MAX_CACHES = 4  # static caches kept per model, one per (batch size, cache-length bucket)
+# ... and all of them together at most this many times the largest one's memory: an lm-eval run's requests
+# come longest first, so its buckets shrink as it goes, and four caches of a large batch would hold four times
+# the KV memory that `batch_size=auto` planned for.
+MAX_CACHE_MEMORY = 2
 # torch.compile options of the decode step (CUDA graphs through "reduce-overhead"); the tests swap in a
 # counting backend with fullgraph=True to prove the engine's hooks and the kernel ops trace without a break.
 COMPILE_OPTIONS: dict = {"mode": "reduce-overhead", "dynamic": False}
@@ -125,9 +129,10 @@ def release_static_caches(model: nn.Module) -> None:
 def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device) -> tuple[StaticCache, int]:
     """The model's StaticCache for this batch and length bucket (reset and reused, or made anew), its length.
 
-    Up to MAX_CACHES are kept, most recently used last: a compiled variant's CUDA graph holds its cache's
-    addresses, so an lm-eval run that alternates batch sizes (the last batch of a task is smaller) reuses
-    recorded graphs instead of re-recording one at every switch.
+    Up to MAX_CACHES are kept, most recently used last, holding together at most MAX_CACHE_MEMORY times the
+    largest one's memory: a compiled variant's CUDA graph holds its cache's addresses, so an lm-eval run that
+    alternates batch sizes (the last batch of a task is smaller) reuses recorded graphs instead of re-recording
+    one at every switch.
     """
     caches = _STATE.setdefault(model, {}).setdefault("caches", {})
     cache_len = -(-total // CACHE_BUCKET) * CACHE_BUCKET
@@ -136,7 +141,13 @@ def _static_cache(model: nn.Module, batch: int, total: int, device: torch.device
     if cache is not None:
         cache.reset()
     else:
-        while len(caches) >= MAX_CACHES:  # free the least recently used buffers before allocating
+        # Free the least recently used buffers before allocating. One model's cache memory grows with
+        # batch x length (sliding-window layers cap theirs, so this overestimates them).
+        def too_much() -> bool:
+            sizes = [b * n for b, n, _ in caches] + [batch * cache_len]
+            return len(caches) >= MAX_CACHES or sum(sizes) > MAX_CACHE_MEMORY * max(sizes)
+
+        while caches and too_much():
             caches.pop(next(iter(caches)))
         cache = StaticCache(config=model.config, max_cache_len=cache_len)
     caches[key] = cache
