@@ -12,17 +12,19 @@ from typing import Any
 from .config import SparsityArgumentError, SparsityConfig
 from .engine.arch import is_relu_family
 from .engine.engine import SparsityEngine
-from .engine.rules import Rule, Threshold, TopK
+from .engine.rules import OnGateScore, Rule, Threshold, TopK
 
 
 def build_rules(engine: SparsityEngine, config: SparsityConfig, tokenizer: Any = None,
                 rank_context: Any = None) -> tuple[dict[int, Rule], dict[str, Any] | None]:
     """Return ({site index: rule}, calibration info or None) for `config` on `engine`'s model."""
     ffn_mid = engine.sites_in_groups("mlp_mid")
+    # Top-k and FAT choose neurons by their gate score act(gate(x)), as Sparsing Law's reference code does.
     if config.rule == "topk":
-        return {s.index: TopK(float(config.level), s.in_features) for s in ffn_mid}, None
+        level = float(config.level)
+        return {s.index: OnGateScore(TopK(level, s.in_features), 1.0 - level) for s in ffn_mid}, None
     if config.rule == "fat":
-        return {s.index: Threshold(float(config.level)) for s in ffn_mid}, None
+        return {s.index: OnGateScore(Threshold(float(config.level))) for s in ffn_mid}, None
     if config.rule in ("pplp", "teal") and config.thresholds is None and \
             any(p.is_meta for p in engine.model.parameters()):
         # accelerate's disk offload leaves weights on the meta device, where calibration cannot read them

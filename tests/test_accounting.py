@@ -187,7 +187,7 @@ def test_sparse_prefill_none_leaves_prompts_dense_and_sparsifies_decode():
 def test_sparse_prefill_last_half_sparsifies_only_the_second_half():
     model = make_tiny_model("llama")
     ids = torch.randint(3, 128, (2, 7))
-    half = 7 // 2  # positions 3..6 are sparsified
+    half = 7 - 7 // 2  # the last 3 positions (4..6) are sparsified, as TEAL's x[:, -(7 // 2):]
     engine = SparsityEngine(model, sparse_prefill="last_half")
     engine.set_rules({s.index: TopK(0.5, s.in_features) for s in engine.sites_named("down")})
     store: list[torch.Tensor] = []
@@ -218,8 +218,8 @@ def test_last_half_cuts_each_row_at_half_its_real_length():
     with torch.no_grad(), engine.attached(), _record_down_inputs(model, store):
         model(input_ids=ids, attention_mask=mask)
     width = ids.shape[1]
-    for row, n in enumerate(lengths):  # real tokens at width-n .. width-1; sparse from width-n + n//2 on
-        cut = width - n + n // 2
+    for row, n in enumerate(lengths):  # real tokens at width-n .. width-1; the last n//2 of them sparse
+        cut = width - n // 2
         for h in store:
             assert ((h[row, cut:] == 0).sum(-1) == 32).all() and ((h[row, :cut] == 0).sum(-1) == 0).all()
     right = torch.stack([r.roll(-(width - n)) for r, n in zip(ids, lengths)])
@@ -229,7 +229,8 @@ def test_last_half_cuts_each_row_at_half_its_real_length():
         model(right)
     for row, n in enumerate(lengths):
         for h in store:
-            assert ((h[row, n // 2:n] == 0).sum(-1) == 32).all() and ((h[row, :n // 2] == 0).sum(-1) == 0).all()
+            cut = n - n // 2
+            assert ((h[row, cut:n] == 0).sum(-1) == 32).all() and ((h[row, :cut] == 0).sum(-1) == 0).all()
 
 
 def test_count_only_rule_changes_nothing():

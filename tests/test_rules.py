@@ -88,14 +88,19 @@ def test_thresholds_prepared_by_the_engine_compile_once():
     engine.set_rules({s.index: Threshold(0.01) for s in downs})
     x = torch.randn(2, downs[0].module.in_features)
     frames = []
-    for rule in (engine.rules[downs[0].index], Threshold(0.01)):  # prepared by set_rules, and not
+    from lm_sparse.engine import OnGateScore
+
+    engine_fat = SparsityEngine(make_tiny_model("llama"))
+    engine_fat.set_rules({s.index: OnGateScore(Threshold(0.01)) for s in engine_fat.sites_in_groups("mlp_mid")})
+    gate_rule = next(iter(engine_fat.rules.values())).inner  # FAT's rule on the gate score: prepared too
+    for rule in (engine.rules[downs[0].index], gate_rule, Threshold(0.01)):  # prepared by set_rules, and not
         torch._dynamo.reset()
         counter = CompileCounter()
         step = torch.compile(lambda v, rule=rule: rule(v) * 2, backend=counter, fullgraph=True)
         step(x)
         step(x)
         frames.append(counter.frame_count)
-    assert frames == [1, 2]
+    assert frames == [1, 1, 2]
 
 
 def test_count_only_is_identity():
@@ -103,10 +108,75 @@ def test_count_only_is_identity():
     assert CountOnly()(x) is x
 
 
+
+def _ffn_gate_and_up(model: torch.nn.Module, arch: str, ids: torch.Tensor) -> list[tuple]:
+    """Per layer: (the MLP's input, act(gate(x)), up(x), the MLP) of a dense forward."""
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda mlp, args: seen.append((mlp, args[0].detach())))
+    with torch.no_grad():
+        model(ids)
+    for layer in model.model.layers:
+        layer.mlp._forward_pre_hooks.clear()
+    out = []
+    for mlp, x in seen:
+        if arch == "phi3":
+            gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+            out.append((x, mlp.activation_fn(gate), up, mlp))
+        else:
+            out.append((x, mlp.act_fn(mlp.gate_proj(x)), mlp.up_proj(x), mlp))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("args", [{"topk": 0.3}, {"fat": 0.03}])
+def test_topk_and_fat_pick_neurons_by_gate_score(arch, args):
+    """Sparsing Law's Top-k and FAT (reference code: prune_topk/prune_fat on act(gate(x))) rank and threshold the
+    gate score, not the product act(gate(x)) * up(x), and zero the picked neurons' products: each MLP's output is
+    down(mask(gate) * up) with the mask made per token."""
+    from lm_sparse.engine import OnGateScore, SparsityEngine
+    from lm_sparse.methods import build_rules
+
+    model = make_tiny_model(arch)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    dense = _ffn_gate_and_up(model, arch, ids)
+    engine = SparsityEngine(model)
+    rules, _ = build_rules(engine, parse_sparsity_args(args))
+    assert all(isinstance(r, OnGateScore) for r in rules.values()) and len(rules) == len(dense)
+    engine.set_rules(rules)
+    outputs = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda mlp, a, out: outputs.append(out.detach()))
+    with engine.attached(), torch.no_grad():
+        model(ids)
+    engine.counter.synchronize()
+    x, gate, up, mlp = dense[0]  # layer 0's MLP input is the dense one (attention is not sparsified)
+    if "topk" in args:
+        k = round(0.3 * gate.shape[-1])
+        keep = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, gate.abs().topk(k, dim=-1).indices, True)
+    else:
+        keep = gate.abs() > 0.03
+    expected = mlp.down_proj(torch.where(keep, gate, 0.0) * up)
+    torch.testing.assert_close(outputs[0], expected, rtol=1e-5, atol=1e-6)
+    # the product's own magnitudes pick other neurons: the two rules really differ here
+    product = gate * up
+    by_product = product.abs() > 0.03 if "fat" in args else torch.zeros_like(keep).scatter_(
+        -1, product.abs().topk(keep.sum(-1).max().item(), dim=-1).indices, True)
+    assert not torch.equal(by_product, keep)
+    report = engine.report()
+    assert abs(report["ffn"] - float((~keep).float().mean())) < 0.2  # counted at down_proj's input, all layers
+
+
 # -- argument parsing ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [1, 1.0, "1", " 1.0 "])
 def test_ppl_p_int_float_and_string_parse_the_same(value):
     assert parse_sparsity_args({"ppl_p": value}) == SparsityConfig(rule="pplp", level=1.0, method="pplp")
+
+
+def test_integer_arguments_parse_exactly():
+    """A seed above 2**53 written as digits is kept as written, not rounded through a float."""
+    assert parse_sparsity_args({"ppl_p": 1, "calib_seed": str(2**60 + 1)}).calib_seed == 2**60 + 1
+    assert parse_sparsity_args({"ppl_p": 1, "calib_seed": 7.0}).calib_seed == 7
 
 
 def test_valid_arguments_parse():
@@ -136,6 +206,7 @@ BAD_ARGS = [
     ({"ppl_p": "-0.5"}, "ppl_p"),
     ({"topk": 0.5, "teal_greedy_steps": 40}, "teal_greedy_steps"),
     ({"teal": 0.5, "teal_greedy_tokens": 0}, "teal_greedy_tokens"),
+    ({"ppl_p": 1, "calib_seed": 2**64}, "calib_seed"), ({"ppl_p": 1, "calib_seed": -1}, "calib_seed"),
     ({"topk": 0.5, "teal_mode": "uniform"}, "teal_mode"),
     ({"ppl_p": 1, "thresholds": "/nonexistent/thresholds.json"}, "thresholds"),
     ({"ppl_p": 1, "thresholds": "thresholds/smollm2-135m-instruct-pplp-p1.json", "recalibrate": "true"},

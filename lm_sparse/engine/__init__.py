@@ -3,7 +3,7 @@
 from .accounting import SparsityCounter
 from .arch import ARCHITECTURES, Site, UnsupportedArchitectureError, resolve_sites
 from .engine import SparsityEngine
-from .rules import CountOnly, Rule, Threshold, TopK
+from .rules import CountOnly, OnGateScore, Rule, Threshold, TopK
 
-__all__ = ["ARCHITECTURES", "CountOnly", "Rule", "Site", "SparsityCounter", "SparsityEngine", "Threshold",
+__all__ = ["ARCHITECTURES", "CountOnly", "OnGateScore", "Rule", "Site", "SparsityCounter", "SparsityEngine", "Threshold",
            "TopK", "UnsupportedArchitectureError", "resolve_sites"]

@@ -44,6 +44,7 @@ class ArchSpec:
     layers: tuple[str, ...]  # candidate paths of the ModuleList of decoder layers, first match wins
     sites: dict[str, str]  # site name -> module path inside a decoder layer
     activation_attr: str = "hidden_act"  # config attribute naming the FFN activation
+    activation_module: str = "mlp.act_fn"  # the module computing act(gate(x)) inside a decoder layer
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -54,7 +55,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": ArchSpec(("model.layers",), _LLAMA_LIKE, "hidden_activation"),
     "gemma3_text": ArchSpec(("model.layers",), _LLAMA_LIKE, "hidden_activation"),
     "gemma3": ArchSpec(("model.language_model.layers", "model.layers"), _LLAMA_LIKE, "hidden_activation"),
-    "phi3": ArchSpec(("model.layers",), _PHI3),
+    "phi3": ArchSpec(("model.layers",), _PHI3, activation_module="mlp.activation_fn"),
 }
 
 
@@ -161,3 +162,25 @@ def resolve_sites(model: nn.Module) -> list[Site]:
             path = f"layers.{layer_idx}.{sub}"
             sites.append(Site(len(sites), layer_idx, name, module, path))  # type: ignore[arg-type]
     return sites
+
+
+def resolve_activation_modules(model: nn.Module) -> list[nn.Module]:
+    """Every decoder layer's FFN activation module (its output is the gate score act(gate(x))); raise if the
+    table's path does not resolve to one module per layer (a hook on a module shared by layers would fire in
+    every one of them)."""
+    layers = decoder_layers(model)
+    model = _unwrap(model)
+    spec = check_model_type(getattr(model.config, "model_type", None))
+    found = []
+    for layer_idx, layer in enumerate(layers):
+        module = _get_submodule(layer, spec.activation_module)
+        if not isinstance(module, nn.Module):
+            raise UnsupportedArchitectureError(
+                f"sparse-hf: hook point {spec.layers[0]}.{layer_idx}.{spec.activation_module} does not resolve to a "
+                f"module in {type(model).__name__} (model_type={model.config.model_type})")
+        found.append(module)
+    if len({id(m) for m in found}) != len(found):
+        raise UnsupportedArchitectureError(
+            f"sparse-hf: {type(model).__name__} shares one {spec.activation_module} module between layers; "
+            "rules on the gate score need one per layer")
+    return found

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .accounting import PHASES, SparsityCounter
-from .arch import FFN_GROUPS, Site, activation_name, resolve_sites
-from .rules import CountOnly, Rule, Threshold
+from .arch import FFN_GROUPS, Site, activation_name, resolve_activation_modules, resolve_sites
+from .rules import CountOnly, OnGateScore, Rule, Threshold
 
 PREFILL, DECODE = 0, 1
 
@@ -97,12 +97,17 @@ class SparsityEngine:
 
     def set_rules(self, rules: dict[int, Rule]) -> None:
         """Install the rule of each site (by site index); sites left out are not touched or counted."""
-        self.rules = dict(rules)
         by_index = {s.index: s for s in self.sites}
+        for index, rule in rules.items():
+            if isinstance(rule, OnGateScore) and (index not in by_index or by_index[index].group != "mlp_mid"):
+                raise ValueError(f"OnGateScore rules belong on down_proj sites (the FFN intermediate), not site {index}")
+        self.rules = dict(rules)
         for index, rule in self.rules.items():
             weight = getattr(by_index[index].module, "weight", None) if index in by_index else None
-            if isinstance(rule, Threshold) and isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-                rule.prepare(weight.device, weight.dtype)
+            if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+                for r in (rule, getattr(rule, "inner", None)):  # OnGateScore's inner rule sees the same dtype
+                    if isinstance(r, Threshold):
+                        r.prepare(weight.device, weight.dtype)
 
     def count_natural_zeros(self) -> None:
         """Count, without changing, the FFN intermediate of every layer (dense runs, ReLU-family models)."""
@@ -195,13 +200,15 @@ class SparsityEngine:
     @staticmethod
     def _last_half_cut(ref: torch.Tensor, valid: torch.Tensor | None,
                        lengths: list[int] | None) -> torch.Tensor | None:
-        """[B, 1] first position of each row's second half of real tokens (None: half the padded length)."""
+        """[B, 1] first position of each row's last floor(n/2) real tokens, as TEAL's own evaluation sparsifies
+        (`x[:, -(n // 2):]`; an odd row's middle token stays dense). None: from the padded length."""
         if lengths is not None and len(lengths) == ref.shape[0]:  # right-padded: real tokens first
-            return (torch.tensor(lengths, device=ref.device) // 2).view(-1, 1)
+            n = torch.tensor(lengths, device=ref.device)
+            return (n - n // 2).view(-1, 1)
         if valid is not None:  # left- or right-padded with a mask: the real tokens are the valid ones
             real = valid.sum(-1)
             first = valid.int().argmax(-1)
-            return (first + real // 2).view(-1, 1)
+            return (first + real - real // 2).view(-1, 1)
         return None
 
     def _model_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -224,7 +231,7 @@ class SparsityEngine:
         cut = self._half_cut
         if cut is not None and x.dim() == 3 and cut.shape[0] == x.shape[0]:
             return (pos.view(1, seq) >= cut).view(x.shape[0], seq, 1)
-        return (pos >= seq // 2).view(*([1] * (x.dim() - 2)), seq, 1)
+        return (pos >= seq - seq // 2).view(*([1] * (x.dim() - 2)), seq, 1)
 
     def _site_pre_hook(self, site: Site) -> Callable:
         rule = self.rules[site.index]
@@ -249,6 +256,17 @@ class SparsityEngine:
             if y is x:
                 return None
             return (y, *args[1:])
+
+        return hook
+
+    def _gate_score_hook(self, rule: Rule) -> Callable:
+        """Forward hook on a layer's activation module: `rule` on its output, the gate score (OnGateScore)."""
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            applies = self._prefill_applies(output)
+            if applies is False:
+                return None
+            return rule(output) if applies is True else torch.where(applies, rule(output), output)
 
         return hook
 
@@ -282,7 +300,11 @@ class SparsityEngine:
             return
         model = self.model
         swapped: list[tuple[nn.Module, Any]] = []
+        gate_rules = {s.layer: r.inner for s in self.sites if isinstance(r := self.rules.get(s.index), OnGateScore)}
+        activations = resolve_activation_modules(model) if gate_rules else []
         try:
+            for layer, inner in gate_rules.items():
+                self._handles.append(activations[layer].register_forward_hook(self._gate_score_hook(inner)))
             self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._model_post_hook))
             for site in self.sites:

@@ -99,3 +99,23 @@ class Threshold(Rule):
         if isinstance(t, torch.Tensor):
             return {"rule": "threshold", "per_channel": True, "mean": float(t.float().mean())}
         return {"rule": "threshold", "value": float(t)}
+
+
+class OnGateScore(Threshold):
+    """Sparsing Law's Top-k and FAT: `inner` picks the FFN neurons by their gate score act(gate(x)).
+
+    The engine applies `inner` to the layer's activation output (zeroed gate scores zero their neurons'
+    products), so this rule sits on down_proj's input, where those neurons are exactly zero: it counts them,
+    changes nothing, and is a threshold of 0 for the kernels, which then skip exactly those columns.
+    `expected_sparsity`: as for `Threshold` (Top-k: 1 - its fraction).
+    """
+
+    def __init__(self, inner: Rule, expected_sparsity: float | None = None):
+        super().__init__(0.0, expected_sparsity)
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "on": "gate_score"}

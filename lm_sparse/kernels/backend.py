@@ -1,10 +1,11 @@
 """Hand the decode-step products of threshold sites to the sparse kernel (`lm_sparse::sparse_linear`).
 
-Which sites: every site whose rule is a `Threshold` (FAT, PPL-p%, TEAL). TEAL thresholds the inputs of all
-seven matrices, so all of them run the kernel; FAT and PPL-p% threshold the FFN intermediate, so only
-down_proj runs it (gate and up read the dense hidden state). Top-k is not a threshold (its mask depends
-on the rank of |x| in the row, with torch.topk's tie-breaking), so Top-k sites stay masked dense and the
-sparsity report says so per site.
+Which sites: every site whose rule is a `Threshold` (PPL-p%, TEAL, and Top-k and FAT through `OnGateScore`).
+TEAL thresholds the inputs of all seven matrices, so all of them run the kernel; PPL-p% thresholds the FFN
+intermediate, so only down_proj runs it (gate and up read the dense hidden state). Top-k and FAT pick neurons
+by their gate score upstream, which leaves down_proj's input exactly zero there: down_proj runs the kernel
+with threshold 0. A `TopK` rule put on a site's own input (not a method's) is a rank, not a threshold, and
+stays masked dense; the sparsity report says per site which path ran.
 
 A decode step of B rows reads the union of the rows' active inputs. Where the calibrated sparsity s of a
 site makes that union nearly dense (estimated s**B < MIN_UNION_SPARSITY), the step runs a dense GEMM
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import SparsityArgumentError
-from ..engine.rules import Threshold
+from ..engine.rules import OnGateScore, Threshold
 from .reference import masked_input, round_threshold
 
 
@@ -231,7 +232,9 @@ def attach_prefill_masks(engine, allow_interpreter: bool = False) -> list[int]:
     attached = []
     for site in engine.sites:
         rule = engine.rules.get(site.index)
-        if isinstance(rule, Threshold) and site.module.weight.dtype in SUPPORTED_DTYPES:
+        # OnGateScore leaves x as it is (its zeros were made upstream): nothing for a masker to do
+        if isinstance(rule, Threshold) and not isinstance(rule, OnGateScore) \
+                and site.module.weight.dtype in SUPPORTED_DTYPES:
             engine.set_prefill_masker(site.index, make_prefill_masker(rule.threshold, site.module.weight))
             attached.append(site.index)
     return attached
@@ -318,6 +321,6 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
         attached.extend(s.index for s in sites)
     if required and not attached:
         raise SparsityArgumentError(
-            "sparse_kernels=on: no site has a threshold rule (topk runs masked dense); "
+            "sparse_kernels=on: no site has a threshold rule (a dense run has nothing to skip); "
             "use sparse_kernels=auto or off")
     return sorted(attached)
