@@ -40,7 +40,7 @@ SPARSITY_ARGS: dict[str, str] = {
     "calib_data": "calibration text: a local .txt/.jsonl file or hf:dataset/config:split",
     "calib_tokens": "number of calibration tokens, a positive integer",
     "calib_seqlen": "calibration sequence length in tokens, a positive integer",
-    "calib_seed": "seed for sampling calibration text, an integer",
+    "calib_seed": "seed for sampling calibration text, an integer in [0, 2**63)",
     "thresholds": "path of a calibrated thresholds file to load (skips calibration)",
     "recalibrate": "true to ignore cached thresholds and calibrate again",
     "sparse_kernels": f"sparse decode kernels: {'|'.join(KERNEL_MODES)} (auto: on CUDA when available)",
@@ -86,17 +86,24 @@ def _as_float(name: str, value: Any) -> float:
     return out
 
 
-def _as_int(name: str, value: Any, minimum: int | None = None) -> int:
+def _as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool):
         raise _err(name, value)
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise _err(name, value) from None
-    if not math.isfinite(as_float) or as_float != int(as_float):
-        raise _err(name, value)
-    out = int(as_float)
-    if minimum is not None and out < minimum:
+    out = value if isinstance(value, int) else None
+    if isinstance(value, str):
+        try:
+            out = int(value.strip())  # exactly: through a float, integers above 2**53 would change
+        except ValueError:
+            pass
+    if out is None:
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise _err(name, value) from None
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise _err(name, value)
+        out = int(as_float)
+    if (minimum is not None and out < minimum) or (maximum is not None and out > maximum):
         # lm_eval's CLI hands `-5` over as -5.0: echo the integer the user wrote
         raise _err(name, out)
     return out
@@ -228,7 +235,7 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
     if extra:
         values["extra"] = extra
     if args.get("calib_seed") is not None:
-        values["calib_seed"] = _as_int("calib_seed", args["calib_seed"])
+        values["calib_seed"] = _as_int("calib_seed", args["calib_seed"], minimum=0, maximum=2**63 - 1)
     for name in ("calib_data", "thresholds"):
         if args.get(name) is not None:
             text = str(args[name]).strip()

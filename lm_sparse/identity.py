@@ -111,8 +111,12 @@ def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
 
 
 def config_digest(directory: Path) -> str | None:
-    """sha256 of a local checkpoint's config.json (descriptive entries dropped) and its remote-code files."""
+    """sha256 of a local checkpoint's config.json (descriptive entries dropped), a PEFT adapter's
+    adapter_config.json (LoRA's scaling lives there) and its remote-code files."""
     parts = []
+    adapter = directory / "adapter_config.json"
+    if adapter.is_file():
+        parts.append(f"adapter_config.json\0{adapter.read_text(encoding='utf-8', errors='replace')}")
     config = directory / "config.json"
     if config.is_file():
         try:
@@ -203,7 +207,10 @@ def source_identity(name: Any, revision: str | None = None, gguf_file: str | Non
     if path.is_file():
         return {"source": str(path.resolve()), "weights_sha256": hash_files([path]), "hash_mode": "full"}
     commit = hub_commit(str(name), revision)
-    return {"hub_id": str(name), "commit": commit} if commit is not None else None
+    if commit is None:
+        return None
+    # One Hub repository often holds several GGUF files (Q4_K_M, Q8_0, ...) of one config and tokenizer.
+    return {"hub_id": str(name), "commit": commit, **({"gguf_file": str(gguf_file)} if gguf_file else {})}
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------

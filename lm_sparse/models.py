@@ -24,9 +24,9 @@ def cache_root() -> Path:
     """lm-sparse's cache directory (`LM_SPARSE_CACHE`, else `$XDG_CACHE_HOME/lm_sparse`, else ~/.cache/lm_sparse)."""
     env = os.environ.get("LM_SPARSE_CACHE")
     if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lm_sparse"
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "lm_sparse"
 
 
 def smollm2_gguf() -> Path:

@@ -73,6 +73,36 @@ def test_gguf_file_keys_only_the_file_loaded(tmp_path):
     assert len({q8["weights_sha256"], q4["weights_sha256"], both["weights_sha256"]}) == 3
 
 
+def test_hub_gguf_file_enters_the_identity(monkeypatch):
+    """One Hub repository, one commit, several quantizations: each GGUF file is its own model."""
+    monkeypatch.setattr(ident, "hub_commit", lambda name, revision=None: "0123abcd" * 5)
+    q8 = ident.source_identity("org/Model-GGUF", gguf_file="model.Q8_0.gguf")
+    q4 = ident.source_identity("org/Model-GGUF", gguf_file="model.Q4_K_M.gguf")
+    assert q8["commit"] == q4["commit"] and q8 != q4 and q4["gguf_file"] == "model.Q4_K_M.gguf"
+    assert "gguf_file" not in ident.source_identity("org/Model")
+
+
+def test_adapter_config_enters_the_identity(tmp_path):
+    """LoRA's scaling (lora_alpha, r) lives in adapter_config.json, beside unchanged adapter weights."""
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16, "r": 8}))
+    before = ident.source_identity(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 64, "r": 8}))
+    after = ident.source_identity(str(tmp_path))
+    assert before["weights_sha256"] == after["weights_sha256"] and before["config_sha256"] != after["config_sha256"]
+
+
+def test_cache_root_expands_the_users_home(monkeypatch, tmp_path):
+    from lm_sparse.models import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LM_SPARSE_CACHE", "~/lmsc")
+    assert cache_root() == tmp_path / "lmsc"
+    monkeypatch.delenv("LM_SPARSE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert cache_root() == tmp_path / "xdg" / "lm_sparse"
+
+
 def test_adapters_and_quantization_enter_the_identity(tmp_path, tiny_tokenizer_dir):
     model = make_tiny_model("llama")
     base = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "base", model=model)
