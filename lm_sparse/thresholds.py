@@ -300,6 +300,14 @@ def _load_shipped(key: str, shipped_dirs: tuple[Path, ...]) -> tuple[dict, dict[
     return (loaded[0], loaded[1], str(shipped)) if loaded is not None else None
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _load_cached(target: Path, key: str) -> tuple[dict, dict[str, torch.Tensor], str] | None:
     loaded = _try_load(target, key) if target.is_file() else None
     return (loaded[0], loaded[1], str(target)) if loaded is not None else None
@@ -308,21 +316,37 @@ def _load_cached(target: Path, key: str) -> tuple[dict, dict[str, torch.Tensor],
 def _lookup_or_compute(fields: dict, key: str, compute: Callable, recalibrate: bool,
                        shipped_dirs: tuple[Path, ...]) -> tuple[dict, dict[str, torch.Tensor], str]:
     target = _cache_target(fields, key)
+    seen = _stamp(target)
     if not recalibrate:
-        found = _load_shipped(key, shipped_dirs)
+        # Files are written atomically, so a valid one is read without the lock (a read-only cache works).
+        found = _load_shipped(key, shipped_dirs) or _load_cached(target, key)
         if found is not None:
             return found
-    target.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
-    with FileLock(str(target) + ".lock"):
-        # Checked under the lock: a process that waited here loads what the first one wrote.
-        found = None if recalibrate else _load_cached(target, key)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target) + ".lock")
+        lock.acquire()
+    except OSError as exc:
+        logger.warning("lm-sparse: the threshold cache %s is not writable (%s): calibrating without saving "
+                       "(set LM_SPARSE_CACHE to a writable directory to keep the result)", target.parent, exc)
+        results, tensors = compute()
+        payload = {"format_version": FORMAT_VERSION, "lm_sparse_version": __version__, "method": fields.get("method"),
+                   "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fields": fields,
+                   "results": results, "tensors": {"file": None, "names": sorted(tensors)}}
+        return payload, {k: v.detach().cpu() for k, v in tensors.items()}, "(not saved: cache not writable)"
+    try:
+        # Checked again under the lock where the file changed: a process that waited here loads what the first
+        # one wrote (an unchanged bad file was already warned about).
+        found = None if recalibrate or _stamp(target) == seen else _load_cached(target, key)
         if found is not None:
             return found
         results, tensors = compute()
         payload = write_thresholds(target, fields, results, tensors)
         return payload, {k: v.detach().cpu() for k, v in tensors.items()}, str(target)
+    finally:
+        lock.release()
 
 
 def _as_dirs(shipped_dir: Path | tuple[Path, ...] | None) -> tuple[Path, ...]:

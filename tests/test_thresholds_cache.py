@@ -102,6 +102,33 @@ def test_bad_cache_files_warn_and_recompute(cache, damage, caplog):
     assert th.read_thresholds(path)[0]["key"] == th.cache_key(fields)
 
 
+def test_unwritable_cache_is_read_and_calibrates_without_saving(cache, monkeypatch, caplog):
+    """A cache that cannot take a lock file (read-only, shared): a valid file there is used, and a missing one is
+    calibrated in memory with one warning line, not a traceback."""
+    import filelock
+
+    calls: list = []
+    fields = _fields()
+    _, _, path = th.load_or_compute(fields, _compute_factory(calls), shipped_dir=cache)
+
+    class ReadOnlyLock:
+        def __init__(self, name: str) -> None:
+            pass
+
+        def acquire(self):
+            raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(filelock, "FileLock", ReadOnlyLock)
+    _, tensors, found = th.load_or_compute(fields, _compute_factory(calls), shipped_dir=cache)
+    assert found == path and calls == [1]
+    with caplog.at_level(logging.WARNING, logger="lm_sparse.thresholds"):
+        payload, tensors, where = th.load_or_compute(_fields("ccc"), _compute_factory(calls, 3.5), shipped_dir=cache)
+    assert calls == [1, 1] and float(tensors["layer0.down"][0]) == 3.5 and payload["results"] == {"cett": 0.1}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "not writable" in warned[0] and "LM_SPARSE_CACHE" in warned[0]
+    assert where.startswith("(not saved")
+
+
 def test_explicit_thresholds_file(cache, tmp_path, caplog):
     fields = _fields()
     out = tmp_path / "mine.json"
