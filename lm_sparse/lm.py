@@ -151,8 +151,9 @@ class SparseHFLM(HFLM):
         self.gguf_file = hf_kwargs.get("gguf_file")
         self.subfolder = hf_kwargs.get("subfolder") or None
         self.load_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _HFLM_PARAMS}  # to from_pretrained
-        self.engine = SparsityEngine(self._model, sparse_prefill=self.sparsity_config.sparse_prefill,
-                                     pad_token_id=getattr(self.tokenizer, "pad_token_id", None))
+        # No pad_token_id: a generated token equal to it is a real token (lm-eval pads with the unk or EOS id);
+        # the stop criteria tell the engine which rows are done (per_row_stop_criteria), in both decode loops.
+        self.engine = SparsityEngine(self._model, sparse_prefill=self.sparsity_config.sparse_prefill)
         rules, self.calibration = build_rules(self.engine, self.sparsity_config, self.tokenizer, self)
         self.engine.set_rules(rules)
         self._setup_decode_backend()
@@ -208,6 +209,8 @@ class SparseHFLM(HFLM):
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any):
+        from .kernels.decode import eos_token_ids
+
         with self.engine.attached():
             plan = self._static_decode_plan(context, max_length, stop, kwargs)
             if plan is not None:
@@ -216,12 +219,17 @@ class SparseHFLM(HFLM):
                 from .kernels.decode import generate_static
 
                 processors, max_new = plan
-                criteria = per_row_stop_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+                criteria = per_row_stop_criteria(self.tokenizer, stop, context.shape[1], context.shape[0],
+                                                 on_done=self.engine.mark_finished,
+                                                 eos_ids=eos_token_ids(self.model))
                 mixed = self.mixed_precision_dtype
-                with torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):
-                    return generate_static(self.model, context, kwargs.get("attention_mask"), max_new, criteria,
-                                           self.tokenizer.pad_token_id, None, logits_processor=processors)
-            from .kernels.decode import eos_token_ids
+                try:
+                    with torch.autocast(device_type=self.device.type, dtype=mixed, enabled=mixed is not None):
+                        return generate_static(self.model, context, kwargs.get("attention_mask"), max_new,
+                                               criteria, self.tokenizer.pad_token_id, None,
+                                               logits_processor=processors)
+                finally:
+                    self.engine.clear_finished()
 
             # HFLM builds its criteria from this name; the engine learns which rows are done from them
             criteria = functools.partial(per_row_stop_criteria, on_done=self.engine.mark_finished,

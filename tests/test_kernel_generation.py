@@ -276,6 +276,30 @@ def _until(lm, contexts: list[str], **gen_kwargs) -> list[str]:
 EARLY_STOP_CONTEXTS = ["w3 w9 w27 w81", "w5 w10 w15 w20 w25 w30", "w100"]
 
 
+@pytest.mark.parametrize("mode", ["off", "on"])  # generate, and the static-cache loop
+def test_a_generated_token_equal_to_the_pad_id_is_counted(tmp_path, tiny_tokenizer_dir, mode):
+    """lm-eval pads with the unk or EOS id where a tokenizer has no pad token: a model may generate that id as a
+    real token, and its next decode step is a real step (it was dropped from the counts)."""
+    from lm_sparse.lm import SparseHFLM
+
+    from transformers import AutoTokenizer
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.pad_token = "w42"  # generated from the first context: 'w2 w42 w111 ...'
+    lm = SparseHFLM(pretrained=str(model_dir), tokenizer=tokenizer, fat=FAT_EPS, sparse_kernels=mode,
+                    device=DEVICE, batch_size=1, dtype="float32")
+    assert lm.tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("w42")
+    forwards = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda m, a, k: forwards.append((k.get("input_ids") if "input_ids" in k else a[0]).shape[1]),
+        with_kwargs=True)
+    text = _until(lm, EARLY_STOP_CONTEXTS[:1], until=["w999"], max_gen_toks=6)
+    hook.remove()
+    assert "w42" in text[0].split()[:-1]  # fed back as the input of a later decode step
+    assert lm.sparsity_report()["phases"]["decode"]["tokens"] == sum(1 for n in forwards if n == 1) == 5
+
+
 def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_tokenizer_dir):
     """`sparse-hf` with fat=EPS: down_proj runs the kernel in decode steps, and the text is the same."""
     from lm_sparse.kernels import decode

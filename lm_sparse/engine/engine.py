@@ -182,7 +182,9 @@ class SparsityEngine:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(ref, torch.Tensor):
             valid = mask[:, -seq_len:].bool()
         if self._phase == DECODE and self.pad_token_id is not None and isinstance(ids, torch.Tensor):
-            # A finished row of a batched generate is fed padding: its step is not a real token.
+            # A finished row of a batched generate is fed padding: its step is not a real token. (For callers
+            # of `model.generate` that say nothing else; a generated token equal to the pad id is then taken
+            # for padding too, so sparse-hf gives no pad id and marks finished rows instead.)
             not_pad = ids != self.pad_token_id
             valid = not_pad if valid is None else valid & not_pad
         finished = self._finished_rows
