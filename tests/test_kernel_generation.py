@@ -637,6 +637,45 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     assert counter.frame_count == compiled_frames
 
 
+def test_compiled_step_reads_the_finished_rows_in_its_one_graph(monkeypatch):
+    """sparse-hf's engine has no pad id: its stop criteria mark the rows that are done, and the compiled step reads
+    that mask (a graph input, not a recompilation) to leave their padded steps out of the counts."""
+    import torch._dynamo.testing
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from lm_sparse.kernels import decode
+
+    model = _model()
+    ids, mask = _prompts(2, 8)
+    engine = SparsityEngine(model)
+    engine.set_rules(_threshold_rules(engine, model, ids, mask, 0.5))
+    stop_token = int(generate_static(model, ids, mask, 6, None, 0, None)[0, 9])  # row 0's second new token
+
+    class StopRow(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            done = input_ids[:, -1] == stop_token
+            engine.mark_finished(done)
+            return done
+
+    def run(compile: bool) -> tuple[torch.Tensor, dict]:
+        criteria = StoppingCriteriaList([StopRow()])
+        try:
+            return _generate_and_report(engine, lambda: generate_static(model, ids, mask, 6, criteria, 0, None,
+                                                                        compile=compile))
+        finally:
+            engine.clear_finished()
+
+    attach_decode_kernels(engine, required=True)
+    eager_tokens, eager_report = run(False)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": True, "dynamic": False})
+    decode.forget_compiled_step(model)
+    tokens, report = run(True)
+    assert torch.equal(tokens, eager_tokens) and report["phases"] == eager_report["phases"]
+    assert report["phases"]["decode"]["tokens"] < 2 * 5  # row 0's steps after its stop are not counted
+    assert counter.frame_count == 1
+
+
 def test_attaching_kernels_keeps_one_copy_of_every_weight():
     """Input-major storage replaces the weights (fused q/k/v and gate/up included): no old copy stays alive."""
     import gc
