@@ -264,6 +264,10 @@ def test_decode_executor_runs_in_decode_and_counts(policy):
     assert calls == [1] * (2 * LAYERS)  # two decode steps, one call per layer, one token each
     assert report["phases"]["decode"] == {"tokens": 2, "sparsity": 0.5, "ffn": 0.5, "attn": None}
     assert report["execution"]["down"]["decode"] == "sparse_kernel"
+    engine.set_prefill_masker(engine.sites_named("down")[0].index, lambda x: (x, (x == 0).sum(-1)))
+    # a masker covers a prefill only under sparse_prefill=all; under none nothing is masked
+    expected = {"all": "masked_dense_fused", "last_half": "masked_dense", "none": "unmasked"}[policy]
+    assert engine.report()["execution"]["down"]["prefill"] == expected
 
 
 def test_stop_sequences_finish_rows_one_by_one(tiny_tokenizer):

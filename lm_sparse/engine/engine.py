@@ -352,8 +352,8 @@ class SparsityEngine:
     def execution_paths(self) -> dict[str, dict[str, Any]]:
         """Per site name and phase, the path that computed the product.
 
-        prefill: `masked_dense` (rule in torch ops, then the GEMM) or `masked_dense_fused` (one-pass masking
-        kernel, then the GEMM); decode: `masked_dense`, `sparse_kernel`, `dense_fallback` (an executor's
+        prefill: `masked_dense` (rule in torch ops, then the GEMM), `masked_dense_fused` (one-pass masking
+        kernel, then the GEMM) or `unmasked` (sparse_prefill=none); decode: `masked_dense`, `sparse_kernel`, `dense_fallback` (an executor's
         dense GEMM: more rows than the kernel serves, or a union of active inputs estimated nearly dense)
         or both joined by "+" when steps or layers differed; `decode_dense_layers` lists the layers whose
         decode steps ran `dense_fallback` (present only when some did).
@@ -365,7 +365,9 @@ class SparsityEngine:
             if site.index not in self.rules:
                 continue
             paths = out.setdefault(site.name, {"prefill": "masked_dense", "decode": "masked_dense"})
-            if site.index in self.prefill_maskers:
+            if self.sparse_prefill == "none":
+                paths["prefill"] = "unmasked"
+            elif site.index in self.prefill_maskers and self.sparse_prefill == "all":  # the masker covers all
                 paths["prefill"] = "masked_dense_fused"
             if site.index not in self.decode_executors:
                 continue
