@@ -65,6 +65,18 @@ def test_request_cache_is_per_level_and_per_model_args(tmp_path: Path):
     assert len({a, b, c}) == 3 and a.startswith(str(tmp_path / "topk-0.5"))
 
 
+def test_request_cache_changes_with_the_local_files_the_arguments_name(tmp_path: Path):
+    """New weights at the same path must not be answered from the old weights' cached requests."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"seed 0 weights")
+    args = f"pretrained={model_dir},topk=0.5"
+    before = request_cache_path(tmp_path / "lvl", "sparse-hf", args)
+    assert request_cache_path(tmp_path / "lvl", "sparse-hf", args) == before
+    (model_dir / "model.safetensors").write_bytes(b"seed 19 weights, longer")
+    assert request_cache_path(tmp_path / "lvl", "sparse-hf", args) != before
+
+
 def _fake_results(level_dir: Path, model_args: str, tasks: list[str], eval_kwargs: dict) -> Path:
     out = level_dir / "m" / f"results_{len(list(level_dir.rglob('results_*.json')))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

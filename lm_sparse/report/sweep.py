@@ -156,9 +156,28 @@ def finished_results(level_dir: Path, model_args: str, tasks: list[str],
     return None
 
 
+def _local_files_stamp(model_args: str) -> list:
+    """(name, size, mtime) of every local file the arguments name (`pretrained` and `peft` directories, calibration
+    text, thresholds files): rewritten weights or text at the same path give other answers."""
+    stamps = []
+    for name, value in sorted(parse_model_args(model_args).items()):
+        path = Path(str(value)).expanduser()
+        try:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and "lm_cache" not in p.parts) \
+                if path.is_dir() else [path] if path.is_file() else []
+            stamps += [(name, str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        except OSError:
+            continue
+    return stamps
+
+
 def request_cache_path(level_dir: Path, model: str, model_args: str) -> str:
-    """Per-level sqlite prefix for lm-eval's request cache, keyed by the full model and model arguments."""
-    digest = hashlib.sha256(f"{model}|{model_args}".encode()).hexdigest()[:16]
+    """Per-level sqlite prefix for lm-eval's request cache, keyed by the full model and model arguments, the
+    local files they name and lm-sparse's version (answers cached under other weights or code are not reused)."""
+    from .. import __version__
+
+    stamp = json.dumps([model, model_args, __version__, _local_files_stamp(model_args)])
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     (level_dir / "lm_cache").mkdir(parents=True, exist_ok=True)
     return str(level_dir / "lm_cache" / digest)
 
