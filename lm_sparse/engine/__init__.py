@@ -5,5 +5,5 @@ from .arch import ARCHITECTURES, Site, UnsupportedArchitectureError, resolve_sit
 from .engine import SparsityEngine
 from .rules import CountOnly, OnGateScore, Rule, Threshold, TopK
 
-__all__ = ["ARCHITECTURES", "CountOnly", "OnGateScore", "Rule", "Site", "SparsityCounter", "SparsityEngine", "Threshold",
-           "TopK", "UnsupportedArchitectureError", "resolve_sites"]
+__all__ = ["ARCHITECTURES", "CountOnly", "OnGateScore", "Rule", "Site", "SparsityCounter", "SparsityEngine",
+           "Threshold", "TopK", "UnsupportedArchitectureError", "resolve_sites"]

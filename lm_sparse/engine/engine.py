@@ -100,7 +100,8 @@ class SparsityEngine:
         by_index = {s.index: s for s in self.sites}
         for index, rule in rules.items():
             if isinstance(rule, OnGateScore) and (index not in by_index or by_index[index].group != "mlp_mid"):
-                raise ValueError(f"OnGateScore rules belong on down_proj sites (the FFN intermediate), not site {index}")
+                raise ValueError(f"OnGateScore rules belong on down_proj sites (the FFN intermediate), "
+                                 f"not site {index}")
         self.rules = dict(rules)
         for index, rule in self.rules.items():
             weight = getattr(by_index[index].module, "weight", None) if index in by_index else None
@@ -353,10 +354,11 @@ class SparsityEngine:
         """Per site name and phase, the path that computed the product.
 
         prefill: `masked_dense` (rule in torch ops, then the GEMM), `masked_dense_fused` (one-pass masking
-        kernel, then the GEMM) or `unmasked` (sparse_prefill=none); decode: `masked_dense`, `sparse_kernel`, `dense_fallback` (an executor's
-        dense GEMM: more rows than the kernel serves, or a union of active inputs estimated nearly dense)
-        or both joined by "+" when steps or layers differed; `decode_dense_layers` lists the layers whose
-        decode steps ran `dense_fallback` (present only when some did).
+        kernel, then the GEMM) or `unmasked` (sparse_prefill=none); decode: `masked_dense`, `sparse_kernel`,
+        `dense_fallback` (an executor's dense GEMM: more rows than the kernel serves, or a union of active
+        inputs estimated nearly dense) or both joined by "+" when steps or layers differed;
+        `decode_dense_layers` lists the layers whose decode steps ran `dense_fallback` (present only when some
+        did).
         """
         out: dict[str, dict[str, Any]] = {}
         decode_paths: dict[str, set[str]] = {}
