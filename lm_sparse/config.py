@@ -219,10 +219,10 @@ def parse_sparsity_args(args: dict[str, Any]) -> SparsityConfig:
         values["sparse_prefill"] = _as_choice("sparse_prefill", args["sparse_prefill"], PREFILL_POLICIES)
     if "sparse_kernels" in args:
         values["sparse_kernels"] = _as_choice("sparse_kernels", args["sparse_kernels"], KERNEL_MODES)
-        if values["sparse_kernels"] == "on" and values.get("rule", "dense") in ("dense", "topk"):
+        if values["sparse_kernels"] == "on" and values.get("rule", "dense") == "dense":
             raise SparsityArgumentError(
-                "sparse-hf: sparse_kernels=on needs a threshold rule (ppl_p=P, teal=S or fat=E): "
-                f"{values.get('rule', 'dense')} runs have no sparse kernel; use sparse_kernels=auto or off")
+                "sparse-hf: sparse_kernels=on needs a sparsity rule (topk=K, fat=E, ppl_p=P or teal=S): "
+                "dense runs have no sparse kernel; use sparse_kernels=auto or off")
     for name in ("calib_tokens", "calib_seqlen"):
         if args.get(name) is not None:
             values[name] = _as_int(name, args[name], minimum=1)

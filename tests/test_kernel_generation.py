@@ -300,6 +300,23 @@ def test_a_generated_token_equal_to_the_pad_id_is_counted(tmp_path, tiny_tokeniz
     assert lm.sparsity_report()["phases"]["decode"]["tokens"] == sum(1 for n in forwards if n == 1) == 5
 
 
+def test_topk_decodes_through_the_kernel_with_the_masked_dense_text(tmp_path, tiny_tokenizer_dir):
+    """Top-k ranks gate scores upstream, so down_proj's input is exactly zero at the dropped neurons: its decode
+    steps run the kernel (threshold 0), with the text and counts of the masked-dense path."""
+    from lm_sparse.lm import SparseHFLM
+
+    model_dir = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tiny")
+    texts, reports = {}, {}
+    for mode in ("off", "on"):
+        lm = SparseHFLM(pretrained=str(model_dir), topk=0.5, sparse_kernels=mode, device=DEVICE, batch_size=3,
+                        dtype="float32")
+        texts[mode] = _until(lm, EARLY_STOP_CONTEXTS, until=["w7"])
+        reports[mode] = lm.sparsity_report()
+    assert texts["on"] == texts["off"]
+    assert reports["on"]["execution"]["down"] == {"prefill": "masked_dense", "decode": "sparse_kernel"}
+    assert reports["on"]["phases"] == reports["off"]["phases"] and reports["on"]["phases"]["decode"]["ffn"] == 0.5
+
+
 def test_sparse_hf_generate_until_kernels_match_masked_dense(tmp_path, tiny_tokenizer_dir):
     """`sparse-hf` with fat=EPS: down_proj runs the kernel in decode steps, and the text is the same."""
     from lm_sparse.kernels import decode

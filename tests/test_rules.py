@@ -211,7 +211,7 @@ BAD_ARGS = [
     ({"ppl_p": 1, "thresholds": "/nonexistent/thresholds.json"}, "thresholds"),
     ({"ppl_p": 1, "thresholds": "thresholds/smollm2-135m-instruct-pplp-p1.json", "recalibrate": "true"},
      "recalibrate=true and thresholds"),
-    ({"sparse_kernels": "on"}, "sparse_kernels=on"), ({"topk": 0.5, "sparse_kernels": "on"}, "sparse_kernels=on"),
+    ({"sparse_kernels": "on"}, "sparse_kernels=on"),
     ({"calib_data": "/nonexistent/calib.jsonl", "ppl_p": 1}, "calib_data"),
 ]
 
