@@ -19,19 +19,23 @@ def environment(device: torch.device) -> dict:
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall seconds of `fn()` over `repeats` runs after one warm-up (which may compile), GPU synchronized."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+def wall_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one `fn()`, the GPU synchronized before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
-    once()
-    return statistics.median(once() for _ in range(repeats))
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device, warmup: bool = True) -> float:
+    """Median wall seconds of `fn()` over `repeats` runs after one warm-up (which may compile; `warmup=False`
+    for a caller that ran and timed it already), GPU synchronized."""
+    if warmup:
+        wall_seconds(fn, device)
+    return statistics.median(wall_seconds(fn, device) for _ in range(repeats))
 
 
 def write_results(path: str | None, meta: dict, rows: list[dict]) -> None:

@@ -8,6 +8,12 @@ of |x| seen on the prompt, one per input as TEAL's calibration makes them (q/k/v
 fused launch each), and hands decode steps to the kernels. Decode tokens/s
 = (new tokens - 1) / (time of the full run - time of a prefill-only run).
 
+The sparse levels share one compiled decode step: the kernels are re-attached at each level's thresholds and
+the step's guards still hold (the thresholds are graph inputs; `tests/test_kernel_generation.py` checks that
+no recompilation happens and that each level computes with its own thresholds), so a run compiles twice (dense
+and sparse), not once per level. Each row records the first run's seconds (compilation included), the frames
+compiled so far, and the decode sparsity the engine measured, which must be near the level.
+
     python benchmarks/bench_decode.py --out bench_decode.json       # GPU
     python benchmarks/bench_decode.py --smoke                       # CPU: tiny model, Triton interpreter
 """
@@ -27,9 +33,9 @@ if not torch.cuda.is_available():
 from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
 from lm_sparse.engine.rules import Threshold  # noqa: E402
 from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
-from lm_sparse.kernels.decode import forget_compiled_step, generate_static  # noqa: E402
+from lm_sparse.kernels.decode import generate_static  # noqa: E402
 
-from bench_common import environment, median_seconds, write_results  # noqa: E402
+from bench_common import environment, median_seconds, wall_seconds, write_results  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -83,16 +89,21 @@ def _qkv_fused(engine: SparsityEngine) -> bool:
     return len({w.untyped_storage().data_ptr() for w in qkv}) == 1
 
 
-def timed_generate(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Median wall seconds of generate_static (after one warm-up run that compiles)."""
-    return median_seconds(lambda: generate_static(model, prompt, None, new_tokens, None, 0, [-1]), repeats,
-                          prompt.device)
+def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(decode tokens/s, seconds of the first full run, which compiles the step where it is new)."""
+    def generate(n: int):
+        return lambda: generate_static(model, prompt, None, n, None, 0, [-1])
+
+    first = wall_seconds(generate(new_tokens), prompt.device)
+    full = median_seconds(generate(new_tokens), repeats, prompt.device, warmup=False)
+    prefill = median_seconds(generate(1), repeats, prompt.device)
+    tps = (new_tokens - 1) / (full - prefill) if full > prefill else float("nan")  # nan: below timer noise
+    return tps, first
 
 
-def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    full = timed_generate(model, prompt, new_tokens, repeats)
-    prefill = timed_generate(model, prompt, 1, repeats)
-    return (new_tokens - 1) / (full - prefill) if full > prefill else float("nan")  # nan: below timer noise
+def compiled_frames() -> int:
+    """Frames dynamo has compiled so far in this process."""
+    return int(torch._dynamo.utils.counters["frames"].get("ok", 0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,32 +144,41 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.out, meta, rows)
 
     counting = contextlib.nullcontext if not args.no_count else engine.paused
-    before = skips()
-    with engine.attached(), counting():
-        rows.append({"mode": "dense", "level": 0.0,
-                     "tokens_per_s": decode_tokens_per_s(model, prompt, new_tokens, repeats)})
-        print(f"dense: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-    save(before)
-    for level in levels:
+
+    def measure(row: dict) -> None:
         before = skips()
+        engine.reset()
+        with engine.attached(), counting():
+            row["tokens_per_s"], row["first_run_s"] = decode_tokens_per_s(model, prompt, new_tokens, repeats)
+        engine.counter.synchronize()
+        report = engine.report()
+        row.update(compiled_frames=compiled_frames(),
+                   decode_sparsity=report["phases"]["decode"]["sparsity"] if not args.no_count else None,
+                   decode_paths=sorted({p["decode"] for p in report["execution"].values()}))
+        if rows:  # a sparse level, after the dense row
+            row.update(speedup=row["tokens_per_s"] / rows[0]["tokens_per_s"], fused_qkv=_qkv_fused(engine))
+        rows.append(row)
+        save(before)
+
+    measure({"mode": "dense", "level": 0.0})
+    print(f"dense: {rows[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    for level in levels:
         engine.set_rules({i: Threshold(t) for i, t in thresholds[level].items()})
         engine.decode_executors.clear()
         attach_decode_kernels(engine, required=True, allow_interpreter=args.smoke)
-        forget_compiled_step(model)  # each level compiles its own step (no recompile limit to run into)
-        with engine.attached(), counting():
-            tps = decode_tokens_per_s(model, prompt, new_tokens, repeats)
-        engine.reset()
-        rows.append({"mode": "teal", "level": level, "tokens_per_s": tps,
-                     "speedup": tps / rows[0]["tokens_per_s"], "fused_qkv": _qkv_fused(engine)})
-        print(f"teal {level}: {tps:.1f} tokens/s", file=sys.stderr)
-        save(before)
+        measure({"mode": "teal", "level": level})
+        print(f"teal {level}: {rows[-1]['tokens_per_s']:.1f} tokens/s, decode sparsity "
+              f"{rows[-1]['decode_sparsity']}, {rows[-1]['compiled_frames']} frames compiled", file=sys.stderr)
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['model']}, "
           f"prompt {prompt_len}, {new_tokens} new tokens, batch 1\n")
-    print("| mode | sparsity | decode tokens/s | speedup vs dense | q/k/v one launch |")
-    print("|---|---|---|---|---|")
+    print("| mode | level | measured decode sparsity | decode tokens/s | speedup vs dense | q/k/v one launch "
+          "| first run s (compile) | frames compiled |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         fused = {True: "yes", False: "no"}.get(r.get("fused_qkv"), "")
-        print(f"| {r['mode']} | {r['level']:.2f} | {r['tokens_per_s']:.1f} | {r.get('speedup', 1.0):.2f}x | {fused} |")
+        measured = "-" if r["decode_sparsity"] is None else f"{r['decode_sparsity']:.3f}"
+        print(f"| {r['mode']} | {r['level']:.2f} | {measured} | {r['tokens_per_s']:.1f} | "
+              f"{r.get('speedup', 1.0):.2f}x | {fused} | {r['first_run_s']:.1f} | {r['compiled_frames']} |")
     if meta["cudagraph_skips"]:
         print(f"WARNING: CUDA graphs were skipped {meta['cudagraph_skips']} times: these are not graph-replay "
               "numbers (run with TORCH_LOGS=cudagraphs to see why)", file=sys.stderr)

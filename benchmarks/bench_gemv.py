@@ -7,11 +7,17 @@ with `--sweep`, with the fastest of the tile/split candidates timed at s = 0.5 a
 bytes the kernel actually reads (union of active weight rows + x + y), achieved GB/s, speedup over cuBLAS
 F.linear on the ordinary [out, in] weight at the same batch (and cuBLAS's time on the input-major view
 `wt.t()`, the layout the dense fallback and prefill use once the kernels are attached), and the ideal
-1/(1-s). The device's copy bandwidth is measured in the same run. Prints a Markdown table and writes JSON.
+1/(1-s). The device's copy bandwidth is measured in the same run. Every timed configuration's output is
+also checked against the float64 reference of the masked product on a fresh input, into a NaN-poisoned
+output (`rel_error`; the script exits 1 after writing its results if one is over its dtype's tolerance), and
+the JSON is rewritten after every row, so a run cut off by a time limit keeps what it measured.
+`--sweep-grid small` times about 18 candidates per shape and batch around `choose_config`'s (for a short
+device lease), `full` (default) the whole grid of `sweep_configs`. Prints a Markdown table and writes JSON.
 
     python benchmarks/bench_gemv.py --out bench_gemv.json           # GPU: Llama-3-8B and 70B shapes, bf16
     python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also the fastest tiling
     python benchmarks/bench_gemv.py --shapes 8b-upgate --batches 1  # GPU: a subset
+    python benchmarks/bench_gemv.py --sweep --sweep-grid small ...  # GPU: a sweep that fits a short lease
     python benchmarks/bench_gemv.py --smoke                         # CPU: tiny shapes, Triton interpreter
 """
 
@@ -30,7 +36,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lm_sparse.kernels.reference import round_threshold  # noqa: E402
+from lm_sparse.kernels.reference import round_threshold, sparse_linear_reference  # noqa: E402
 from lm_sparse.kernels.sparse_gemv import LaunchConfig, choose_config, sparse_gemv  # noqa: E402
 
 from bench_common import environment, write_results  # noqa: E402
@@ -45,6 +51,9 @@ SHAPES = {  # key: (name, in_features K, out_features N)
 SMOKE_SHAPES = {"smoke-a": ("smoke 96x80", 96, 80), "smoke-b": ("smoke 80x112", 80, 112)}
 SWEEP_SPARSITIES = (0.5, 0.9)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# ||y - reference|| / ||reference|| allowed per output dtype: the output's own rounding (bf16: 2**-9 relative
+# per element) plus float32 accumulation; the interpreter rounds float32 to bfloat16 toward zero (one ulp).
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def _xt(pair: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -86,18 +95,37 @@ def rotated_inputs(batch: int, k: int, sparsity: float, dtype: torch.dtype, devi
     return sets
 
 
-def sweep_configs(batch: int, k: int, n: int, smoke: bool) -> list[LaunchConfig]:
-    """Tile/split candidates for `--sweep` (the GPU defaults in `choose_config` come from these)."""
+def sweep_configs(batch: int, k: int, n: int, smoke: bool, grid: str = "full",
+                  default: LaunchConfig | None = None) -> list[LaunchConfig]:
+    """Tile/split candidates for `--sweep` (the GPU defaults in `choose_config` come from these).
+
+    `grid="small"`: two K tiles, three N tiles, and `default`'s split halved, kept and doubled (about 18)."""
     if smoke:
         return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2)]
     blocks_n = (64, 128, 256) if batch == 1 else (32, 64, 128)
     blocks_k = (16, 32, 64) if batch == 1 else (32, 64, 128)
+    splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    if grid == "small":
+        blocks_k = blocks_k[1:]
+        base = default.split_k if default is not None else 4
+        splits = tuple(sorted({max(1, base // 2), base, base * 2}))
     configs = []
     for bn, bk in itertools.product(blocks_n, blocks_k):
-        for split in (1, 2, 4, 8, 16, 32):
+        for split in splits:
             if k // split >= bk:
                 configs.append(LaunchConfig(bn, bk, split, 4 if bn * bk <= 4096 else 8))
     return configs
+
+
+def relative_error(wt: torch.Tensor, batch: int, sparsity: float, config: LaunchConfig) -> float:
+    """||y - ref|| / ||ref|| of the counted kernel at `config` on a fresh input, into a NaN-poisoned output
+    (an element the kernel did not write fails); ref: the float64 masked product."""
+    k, n = wt.shape
+    (x, t), = rotated_inputs(batch, k, sparsity, wt.dtype, wt.device, 1)
+    out = torch.full((batch, n), float("nan"), dtype=wt.dtype, device=wt.device)
+    y, _ = sparse_gemv(x, wt, t, config=config, out=out, count_zeros=True)
+    ref = sparse_linear_reference(x, wt, t)
+    return float((y.double() - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def _timer(sets: list, wt: torch.Tensor, device: torch.device):
@@ -122,6 +150,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     sparsities = [0.0, 0.5, 0.9] if args.smoke else [float(s) for s in args.sparsities.split(",")]
     elt = torch.tensor([], dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30))
+    meta = {**environment(device), "dtype": args.dtype, "counted": True, "sweep": args.sweep,
+            "sweep_grid": args.sweep_grid if args.sweep else None, "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+            "rotate": args.rotate, "smoke": args.smoke, "tolerance": TOLERANCE[dtype]}
     rows = []
     for key in keys:
         name, k, n = table[key]
@@ -137,7 +168,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.sweep:  # the fastest tiling at each sweep sparsity joins the candidates
                 for s_sweep in SWEEP_SPARSITIES:
                     seconds = _timer(rotated_inputs(batch, k, s_sweep, dtype, device, args.rotate), wt, device)
-                    timed = [(seconds(c, quick=True), c) for c in sweep_configs(batch, k, n, args.smoke)]
+                    grid = sweep_configs(batch, k, n, args.smoke, args.sweep_grid, default)
+                    timed = [(seconds(c, quick=True), c) for c in grid]
                     candidates.add(min(timed, key=lambda tc: tc[0])[1])
             for s in sparsities:
                 sets = rotated_inputs(batch, k, s, dtype, device, args.rotate)
@@ -145,6 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 t_default = seconds(default)
                 t_best, best = min([(t_default, default)] + [(seconds(c), c) for c in candidates - {default}],
                                    key=lambda tc: tc[0])
+                error = max(relative_error(wt, batch, s, c) for c in {default, best})
                 x0, t0 = sets[0]
                 union = float((x0.abs().float() > t0).any(0).float().mean())
                 bytes_read = union * k * n * elt + batch * k * elt + batch * n * elt
@@ -155,13 +188,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "gb_per_s": bytes_read / t_best / 1e9, "speedup": t_dense / t_best,
                     "speedup_default": t_dense / t_default, "ideal": 1 / max(1e-9, 1 - s),
                     "config": dataclasses.asdict(best), "default_config": dataclasses.asdict(default),
+                    "rel_error": error,
                 })
+                write_results(args.out, meta, rows)
                 print(f"{name} b={batch} s={s}: {t_best * 1e6:.1f} us (default {t_default * 1e6:.1f} us, "
-                      f"dense {t_dense * 1e6:.1f} us)", file=sys.stderr)
-    meta = {**environment(device), "dtype": args.dtype, "counted": True, "sweep": args.sweep,
-            "copy_bandwidth_gb_per_s": bandwidth / 1e9, "rotate": args.rotate, "smoke": args.smoke}
+                      f"dense {t_dense * 1e6:.1f} us), rel. error {error:.1e}", file=sys.stderr)
     print_table(rows, meta)
-    write_results(args.out, meta, rows)
     return rows
 
 
@@ -170,15 +202,15 @@ def print_table(rows: list[dict], meta: dict) -> None:
           f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s\n")
     print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | cuBLAS on W^T view us "
           "| default tiles us | best us | MB read | GB/s (best) | speedup (best) | speedup (default) | ideal "
-          "| best tiles (N, K, split, warps) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| best tiles (N, K, split, warps) | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
         print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.2f} | {r['union_density']:.2f} | "
               f"{r['dense_us']:.1f} | {r['dense_input_major_us']:.1f} | {r['default_us']:.1f} | "
               f"{r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
               f"{r['speedup']:.2f}x | {r['speedup_default']:.2f}x | {r['ideal']:.2f}x | "
-              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']} |")
+              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']} | {r['rel_error']:.1e} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,12 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotate", type=int, default=8, help="distinct inputs cycled through")
     parser.add_argument("--sweep", action="store_true",
                         help="time tile/split candidates at s = 0.5 and 0.9; report the fastest beside the default")
+    parser.add_argument("--sweep-grid", choices=("full", "small"), default="full",
+                        help="the sweep's candidates: the whole grid, or about 18 around the default tiles")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("--smoke is required without a CUDA device")
-    run(args)
-    return 0
+    rows = run(args)
+    tolerance = TOLERANCE[DTYPES[args.dtype]]
+    wrong = [r for r in rows if not r["rel_error"] <= tolerance]  # NaN fails too
+    for r in wrong:
+        print(f"bench_gemv: WRONG OUTPUT {r['shape']} batch {r['batch']} sparsity {r['sparsity']}: relative "
+              f"error {r['rel_error']:.2e} > {tolerance:.0e}", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

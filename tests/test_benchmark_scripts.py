@@ -36,16 +36,37 @@ def test_bench_gemv_smoke_with_sweep(tmp_path):
     assert "interpreter" in result["meta"]["device"]
     rows = result["rows"]
     assert {r["batch"] for r in rows} >= {1, 2} and {r["sparsity"] for r in rows} >= {0.0, 0.5, 0.9}
+    # every timed configuration's output was checked against the float64 reference first
+    assert all(0 < r["rel_error"] <= result["meta"]["tolerance"] for r in rows)
+
+
+def test_small_sweep_grid_surrounds_the_default_tiles(monkeypatch):
+    """`--sweep-grid small` (the lease's sweep): two K tiles, three N tiles, the default split halved, kept and
+    doubled, each a valid launch; with power-of-two splits the full grid holds all of them."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_gemv
+    from lm_sparse.kernels.sparse_gemv import LaunchConfig
+
+    default = LaunchConfig(128, 32, 5)
+    small = bench_gemv.sweep_configs(1, 4096, 14336, False, "small", default)
+    assert len(small) == 18 and {c.split_k for c in small} == {2, 5, 10}
+    assert {(c.block_n, c.block_k) for c in small} == {(n, k) for n in (64, 128, 256) for k in (32, 64)}
+    assert all(4096 // c.split_k >= c.block_k for c in small)
+    small4 = bench_gemv.sweep_configs(4, 4096, 14336, False, "small", LaunchConfig(64, 64, 4))
+    assert len(small4) == 18 and set(small4) <= set(bench_gemv.sweep_configs(4, 4096, 14336, False))
 
 
 def test_bench_decode_smoke(tmp_path):
     out = tmp_path / "decode.json"
-    _run("bench_decode.py", "--smoke", "--levels", "0.5", "--repeats", "1", "--out", str(out), cwd=tmp_path)
+    _run("bench_decode.py", "--smoke", "--levels", "0.3,0.6", "--repeats", "1", "--out", str(out), cwd=tmp_path)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.5)]
-    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert [(r["mode"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.3), ("teal", 0.6)]
+    assert all(r["tokens_per_s"] > 0 and r["first_run_s"] > 0 for r in rows)
+    # each level decodes with its own thresholds (the prompt's quantiles: near the level on a random model)
+    assert rows[0]["decode_sparsity"] is None and all(abs(r["decode_sparsity"] - r["level"]) < 0.1 for r in rows[1:])
+    assert rows[1]["decode_paths"] == rows[2]["decode_paths"] == ["sparse_kernel"]
     assert json.loads(out.read_text())["meta"]["cudagraph_skips"] == 0
-    assert rows[1]["fused_qkv"] is True  # one threshold per input: q/k/v run one fused launch, as under sparse-hf
+    assert rows[2]["fused_qkv"] is True  # one threshold per input: q/k/v run one fused launch, as under sparse-hf
 
 
 def test_bench_prefill_mask_smoke(tmp_path):
@@ -98,3 +119,40 @@ def test_bench_union_smoke(tmp_path):
     one, two = per_b["1"], per_b["2"]
     assert one["union_sparsity"] == pytest.approx(one["row_sparsity"])  # one row: the union is the row
     assert 0 <= two["union_sparsity"] <= one["union_sparsity"] and two["sites"] == 30
+
+
+def test_gpu_suite_lease_stops_at_its_deadline_with_one_log(tmp_path):
+    """`gpu_suite.sh lease` (the one device call of a 15-minute lease): a step still running at the shared
+    deadline is stopped with its child processes (lm-eval runs in one), the later steps are skipped, the
+    script exits 124, and $OUT holds one log (the device tool brings back at most 8 files)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    child_pid = tmp_path / "child.pid"
+    (fake_bin / "python3").write_text(f"#!/bin/bash\nsleep 300 &\necho $! > {child_pid}\nwait\n")
+    (fake_bin / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(out), "LEASE_SECONDS": "21"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "lease"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 124, proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["lease.log"]
+    log = (out / "lease.log").read_text()
+    assert "== env (limit: 21 s)" in log and "== env: exit 124" in log
+    assert log.count("skipped, the lease's time is spent") == 6
+    assert _stopped(int(child_pid.read_text()))  # the step's child was stopped too
+
+
+def _stopped(pid: int) -> bool:
+    """The process is gone, or a zombie waiting for its reaper (the container's init may reap late)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_gpu_suite_refuses_unknown_steps_before_running_any(tmp_path):
+    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "env", "gemv-leas"], cwd=tmp_path,
+                          env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown step 'gemv-leas'" in proc.stderr
+    assert not list((tmp_path / "out").iterdir())

@@ -654,6 +654,36 @@ def test_compiled_decode_step_traces_engine_and_kernels_in_one_graph(monkeypatch
     assert counter.frame_count == compiled_frames
 
 
+def test_kernels_reattached_at_another_level_reuse_the_compiled_step(monkeypatch):
+    """bench_decode times several levels with one compiled step: kernels re-attached at new thresholds pass the
+    step's guards (the thresholds and the re-stored weights are graph inputs), and each level's decode computes
+    with its own thresholds: the eager tokens and counts of that level, which differ between the levels."""
+    import torch._dynamo.testing
+
+    from lm_sparse.kernels import decode
+
+    model = _model()
+    ids, mask = _prompts(1, 8)
+    engine = SparsityEngine(model, pad_token_id=0)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    monkeypatch.setattr(decode, "COMPILE_OPTIONS", {"backend": counter, "fullgraph": True, "dynamic": False})
+    decode.forget_compiled_step(model)
+    reports = []
+    for level in (0.3, 0.7):
+        engine.set_rules(_threshold_rules(engine, model, ids, mask, level))
+        engine.decode_executors.clear()
+        eager_tokens, eager_report = _generate_and_report(
+            engine, lambda: generate_static(model, ids, mask, 6, None, 0, None, compile=False))
+        attach_decode_kernels(engine, required=True)
+        tokens, report = _generate_and_report(
+            engine, lambda: generate_static(model, ids, mask, 6, None, 0, None, compile=True))
+        assert torch.equal(tokens, eager_tokens) and report["phases"] == eager_report["phases"]
+        assert report["execution"]["q"]["decode"] == "sparse_kernel"
+        assert counter.frame_count == 1, f"level {level}: decode step compiled {counter.frame_count} times"
+        reports.append(report["phases"]["decode"]["sparsity"])
+    assert reports[1] > reports[0] + 0.2  # the second level's thresholds were the ones applied
+
+
 def test_compiled_step_reads_the_finished_rows_in_its_one_graph(monkeypatch):
     """sparse-hf's engine has no pad id: its stop criteria mark the rows that are done, and the compiled step reads
     that mask (a graph input, not a recompilation) to leave their padded steps out of the counts."""
