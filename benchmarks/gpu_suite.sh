@@ -7,8 +7,8 @@
 # (carry [".whl"], timeout_s 570) that does every measurement at reduced size, most valuable first:
 #   bash benchmarks/gpu_suite.sh lease
 # = env, check (the lm-eval kernel check), gemv-lease (8B up/gate and down, batch 1/2/4/8, s 0/0.5/0.9, small
-# tile sweep), decode (dense and the four TEAL levels; one compiled step serves every level), prefill,
-# tests-kernels, tests-generation. They share LEASE_SECONDS (default 480): a step gets at most its own cap
+# tile sweep), prefill, decode (dense, then TEAL 0.5, 0.7, 0.25, 0.4; one compiled step serves every level),
+# tests-kernels, tests-generation. They share LEASE_SECONDS (default 510): a step gets at most its own cap
 # and what is left, one past its time is stopped (exit 124) with what it wrote kept, and a step that fails
 # does not stop the next. Its output goes to one log, $OUT/lease.log, beside the steps' JSON files (the
 # device tool brings back at most 8 files).
@@ -22,9 +22,9 @@ mkdir -p "$OUT"
 
 STEP_NAMES="wheels lease env tests tests-kernels tests-generation check gemv gemv-lease gemv70 decode prefill"
 # Each step's own cap in seconds under `lease` (estimates for an H100/H200, from the steps' sizes).
-declare -A LEASE_CAP=([env]=60 [check]=120 [gemv-lease]=150 [decode]=210 [prefill]=60 [tests-kernels]=120
+declare -A LEASE_CAP=([env]=60 [check]=120 [gemv-lease]=150 [prefill]=60 [decode]=240 [tests-kernels]=120
                       [tests-generation]=180)
-LEASE_STEPS=(env check gemv-lease decode prefill tests-kernels tests-generation)
+LEASE_STEPS=(env check gemv-lease prefill decode tests-kernels tests-generation)
 
 setup() {
   if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
@@ -64,10 +64,11 @@ for step in "$@"; do  # every name checked before anything runs
 done
 STEPS=("$@")
 if [ "${STEPS[*]}" = lease ]; then
-  DEADLINE=$((SECONDS + ${LEASE_SECONDS:-480}))
+  DEADLINE=$((SECONDS + ${LEASE_SECONDS:-510}))
   LOG=$OUT/lease.log
   : > "$LOG"
   STEPS=("${LEASE_STEPS[@]}")
+  DECODE_LEVELS=${DECODE_LEVELS:-0.5,0.7,0.25,0.4}  # the targets' level first: a cut-off run still has it
 elif [[ " ${STEPS[*]} " == *" lease "* ]]; then
   echo "gpu_suite.sh: lease runs alone (it is every step at reduced size)" >&2
   exit 2
