@@ -94,11 +94,11 @@ def _recompile_limit() -> object:
 
 
 def forget_compiled_step(model: nn.Module) -> None:
-    """Drop the model's compiled decode step and static cache: the next call compiles afresh.
+    """Drop the model's compiled decode step and static cache (and dynamo's caches): the next call compiles
+    afresh, e.g. under other compile options (the tests' counting backends).
 
-    For callers that swap the engine's rules or executors between runs (benchmarks of several levels):
-    every swap is a recompilation of the same step, and past torch._dynamo's recompile limit (8) dynamo
-    would silently run the step eagerly.
+    Not needed between levels of one method: kernels re-attached at other thresholds pass the step's guards
+    (the thresholds are graph inputs), so one compiled step serves every level (bench_decode.py relies on it).
     """
     _STATE.pop(model, None)
     torch._dynamo.reset()
