@@ -11,8 +11,10 @@ F.linear on the ordinary [out, in] weight at the same batch (and cuBLAS's time o
 also checked against the float64 reference of the masked product on a fresh input, into a NaN-poisoned
 output (`rel_error`; the script exits 1 after writing its results if one is over its dtype's tolerance), and
 the JSON is rewritten after every row, so a run cut off by a time limit keeps what it measured.
-`--sweep-grid small` times about 18 candidates per shape and batch around `choose_config`'s (for a short
-device lease), `full` (default) the whole grid of `sweep_configs`. Prints a Markdown table and writes JSON.
+The sweep's candidates include the compacted variant (`LaunchConfig.compact_chunk`: a first launch packs the
+active inputs, and the steps follow them rather than K). `--sweep-grid small` times 30 candidates per shape and
+batch around `choose_config`'s (for a short device lease), `full` (default) the whole grid of `sweep_configs`.
+Prints a Markdown table and writes JSON.
 
     python benchmarks/bench_gemv.py --out bench_gemv.json           # GPU: Llama-3-8B and 70B shapes, bf16
     python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also the fastest tiling
@@ -97,24 +99,33 @@ def rotated_inputs(batch: int, k: int, sparsity: float, dtype: torch.dtype, devi
 
 def sweep_configs(batch: int, k: int, n: int, smoke: bool, grid: str = "full",
                   default: LaunchConfig | None = None) -> list[LaunchConfig]:
-    """Tile/split candidates for `--sweep` (the GPU defaults in `choose_config` come from these).
+    """Tile/split candidates for `--sweep` (the GPU defaults in `choose_config` come from these), and the
+    compacted variant's (`compact_chunk`: steps over the packed active inputs of each chunk).
 
-    `grid="small"`: two K tiles, three N tiles, and `default`'s split halved, kept and doubled (about 18)."""
+    `grid="small"`: two K tiles, three N tiles, `default`'s split halved, kept and doubled (18), and the
+    compacted variant at 512-input chunks, one and two chunks a program (12)."""
     if smoke:
-        return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2)]
+        return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32)]
     blocks_n = (64, 128, 256) if batch == 1 else (32, 64, 128)
     blocks_k = (16, 32, 64) if batch == 1 else (32, 64, 128)
     splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    chunks: tuple[int, ...] = (256, 512, 1024)
     if grid == "small":
         blocks_k = blocks_k[1:]
         base = default.split_k if default is not None else 4
         splits = tuple(sorted({max(1, base // 2), base, base * 2}))
+        chunks = (512,)
     configs = []
     for bn, bk in itertools.product(blocks_n, blocks_k):
+        warps = 4 if bn * bk <= 4096 else 8
         for split in splits:
             if k // split >= bk:
-                configs.append(LaunchConfig(bn, bk, split, 4 if bn * bk <= 4096 else 8))
-    return configs
+                configs.append(LaunchConfig(bn, bk, split, warps))
+        for chunk in chunks:
+            n_chunks = -(-k // chunk)
+            for per_program in (1, 2):
+                configs.append(LaunchConfig(bn, bk, -(-n_chunks // per_program), warps, compact_chunk=chunk))
+    return list(dict.fromkeys(configs))
 
 
 def relative_error(wt: torch.Tensor, batch: int, sparsity: float, config: LaunchConfig) -> float:
@@ -202,7 +213,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
           f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s\n")
     print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | cuBLAS on W^T view us "
           "| default tiles us | best us | MB read | GB/s (best) | speedup (best) | speedup (default) | ideal "
-          "| best tiles (N, K, split, warps) | rel. error |")
+          "| best tiles (N, K, split, warps, compact chunk) | rel. error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
@@ -210,7 +221,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
               f"{r['dense_us']:.1f} | {r['dense_input_major_us']:.1f} | {r['default_us']:.1f} | "
               f"{r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
               f"{r['speedup']:.2f}x | {r['speedup_default']:.2f}x | {r['ideal']:.2f}x | "
-              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']} | {r['rel_error']:.1e} |")
+              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']}, {c['compact_chunk'] or '-'} | "
+              f"{r['rel_error']:.1e} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="time tile/split candidates at s = 0.5 and 0.9; report the fastest beside the default")
     parser.add_argument("--sweep-grid", choices=("full", "small"), default="full",
-                        help="the sweep's candidates: the whole grid, or about 18 around the default tiles")
+                        help="the sweep's candidates: the whole grid, or 30 around the default tiles")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():

@@ -42,18 +42,22 @@ def test_bench_gemv_smoke_with_sweep(tmp_path):
 
 def test_small_sweep_grid_surrounds_the_default_tiles(monkeypatch):
     """`--sweep-grid small` (the lease's sweep): two K tiles, three N tiles, the default split halved, kept and
-    doubled, each a valid launch; with power-of-two splits the full grid holds all of them."""
+    doubled, each a valid launch, and the compacted variant at 512-input chunks, one or two a program; with
+    power-of-two splits the full grid holds all of them."""
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_gemv
     from lm_sparse.kernels.sparse_gemv import LaunchConfig
 
     default = LaunchConfig(128, 32, 5)
     small = bench_gemv.sweep_configs(1, 4096, 14336, False, "small", default)
-    assert len(small) == 18 and {c.split_k for c in small} == {2, 5, 10}
+    walk = [c for c in small if not c.compact_chunk]
+    assert len(walk) == 18 and {c.split_k for c in walk} == {2, 5, 10}
     assert {(c.block_n, c.block_k) for c in small} == {(n, k) for n in (64, 128, 256) for k in (32, 64)}
-    assert all(4096 // c.split_k >= c.block_k for c in small)
+    assert all(4096 // c.split_k >= c.block_k for c in walk)
+    compact = [c for c in small if c.compact_chunk]
+    assert len(compact) == 12 and {(c.compact_chunk, c.split_k) for c in compact} == {(512, 8), (512, 4)}
     small4 = bench_gemv.sweep_configs(4, 4096, 14336, False, "small", LaunchConfig(64, 64, 4))
-    assert len(small4) == 18 and set(small4) <= set(bench_gemv.sweep_configs(4, 4096, 14336, False))
+    assert len(small4) == 30 and set(small4) <= set(bench_gemv.sweep_configs(4, 4096, 14336, False))
 
 
 def test_bench_decode_smoke(tmp_path):

@@ -91,17 +91,45 @@ def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
             assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 3), LaunchConfig(64, 16, 8)],
-                         ids=["direct", "split3", "split8"])
+@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 3), LaunchConfig(64, 16, 8),
+                                    LaunchConfig(32, 16, 1, compact_chunk=32),
+                                    LaunchConfig(16, 16, 2, compact_chunk=16),
+                                    LaunchConfig(64, 32, 8, compact_chunk=32)],
+                         ids=["direct", "split3", "split8", "compact", "compact-split2", "compact-split-all"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sparse_gemv_tilings(config, batch):
     """Direct write (no split) and split-K with a partial reduce give the same float64-close result and the
-    same zero counts (summed by the reduce launch, or written directly without a split)."""
+    same zero counts (summed by the reduce launch, or written directly without a split); so does the compacted
+    variant, whose steps follow the packed active inputs of 16- or 32-input chunks (101 inputs: a partial last
+    chunk; split-all: more splits asked for than there are chunks)."""
     x, wt, bias, t = _inputs(batch, 101, 45, torch.bfloat16, 0.5, True, seed=7)
     out = torch.full((batch, 45), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out, count_zeros=True)
     _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
     assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
+def test_compacted_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
+    """The compacted variant (`compact_chunk`) on the main test's odd shape: every dtype, batch, sparsity (all
+    inputs active, none active), scalar and per-channel thresholds, with the zero counts."""
+    k, n = 83, 77
+    for per_channel, bias_on in ((False, True), (True, False)):
+        x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 10 + int(sparsity * 10))
+        b = bias if bias_on else None
+        out = torch.full((batch, n), float("nan"), dtype=dtype, device=DEVICE)
+        y, zeros = sparse_gemv(*_on_device(x, wt, t, b), config=LaunchConfig(32, 16, 2, compact_chunk=32), out=out,
+                               count_zeros=True)
+        _check(y.cpu(), sparse_linear_reference(x, wt, t, b), x, wt, t)
+        assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+
+
+def test_compact_chunk_must_be_a_power_of_two():
+    x, wt, _, t = _inputs(1, 40, 24, torch.float32, 0.5, False, seed=1)
+    with pytest.raises(ValueError, match="compact_chunk=24 is not a power of two"):
+        sparse_gemv(*_on_device(x, wt, t), config=LaunchConfig(32, 16, 1, compact_chunk=24))
 
 
 def test_threshold_semantics_match_engine_rule():
@@ -224,6 +252,15 @@ for dtype in ("bf16", "fp16", "fp32"):
                                 target=target)
         if not use_dot:  # batch 1 streams the weight rows in 16-byte vector loads
             assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: batch-1 weight loads not vectorized"
+        # the compacted variant: the same arguments plus the packed indices, their counts and a chunk size
+        csig = {**{n: t for n, t in sig.items() if n != "k_per_split"}, "idx_ptr": "*i32", "active_ptr": "*i32",
+                "chunks_per_split": "i32", "n_chunks": "i32", "CHUNK": "constexpr"}
+        triton.compile(ASTSource(fn=sg._sparse_gemv_compact_kernel, signature=csig,
+                                 constexprs={**consts, "CHUNK": 512}), target=target)
+        consts = dict(T_PER_CHANNEL=use_dot, BLOCK_B=8 if use_dot else 1, CHUNK=512)
+        sig = {"x_ptr": p, "t_ptr": "*fp32", "idx_ptr": "*i32", "active_ptr": "*i32", "B": "i32", "K": "i32",
+               "stride_xb": "i32", **{k: "constexpr" for k in consts}}
+        triton.compile(ASTSource(fn=sg._compact_active_kernel, signature=sig, constexprs=consts), target=target)
     consts = dict(HAS_BIAS=True, COUNT=True, BLOCK=1024, BLOCK_B=8)
     sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "zeros_ptr": "*i64", "counts_ptr": "*i64",
            "B": "i32", "N": "i32", "stride_ob": "i32", "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
@@ -238,7 +275,8 @@ print("compiled")
 
 
 def test_kernels_compile_for_h100_without_a_gpu(tmp_path):
-    """The GPU code path (native-dtype tl.dot, fused counts, reduce, mask) compiles to sm_90 cubin here.
+    """The GPU code path (native-dtype tl.dot, fused counts, reduce, mask, the compacted variant) compiles to sm_90
+    cubin here.
 
     The interpreter runs the kernels' semantics; this runs Triton's real compiler (bundled ptxas), which
     needs no GPU, so the code the GPU will run is at least valid for an H100.

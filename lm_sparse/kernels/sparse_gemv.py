@@ -18,6 +18,13 @@ traffic, under 1% of the weight bytes for the shapes that matter. With SPLIT_K =
 The zero counts of the masked x (for the sparsity report) are written per K slice and summed by the same
 reduce launch, so counting adds no launch.
 
+Compacted variant (`LaunchConfig.compact_chunk`, timed by `benchmarks/bench_gemv.py --sweep`; `choose_config`
+does not pick it until a GPU measurement says it wins): the walk above takes K / BLOCK_K dependent steps
+whatever the sparsity, each loading fewer real rows as s grows, so at high s it waits on latency rather than
+bandwidth. A first small launch packs, per chunk of inputs, the indices active in any row (a prefix sum in
+registers); the main kernel then steps through those packed indices only, loading BLOCK_K real rows per step.
+The counts and the split-K reduce are the same.
+
 Batch 1 multiplies and keeps a [BLOCK_K, BLOCK_N] accumulator (one reduction at the end); batch 2..8 pads
 the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows, or above the op's `max_rows`
 argument (the backend lowers it where the union of the rows' active inputs would be nearly dense), the op
@@ -59,6 +66,25 @@ def _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT: tl.constexpr)
                        other=0.0)
     else:
         return tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+
+
+@triton.jit
+def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
+                 zeros_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr):
+    """A program's [BLOCK_B, BLOCK_N] float32 sums of its K slice: into the slice's partial slot, or (no
+    split) plus bias into y; and, from the first column block, the slice's zero counts per row."""
+    out_mask = b_ok[:, None] & n_ok[None, :]
+    if COUNT:  # every column block sees the same x: the first one writes this K slice's counts
+        if pid_n == 0:
+            tl.store(zeros_ptr + pid_k * B + offs_b, zeros.to(tl.int64), mask=b_ok)
+    if WRITE_PARTIAL:
+        slot = partial_ptr + pid_k * B * N
+        tl.store(slot + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -131,18 +157,8 @@ def _sparse_gemv_kernel(
 
     if not USE_DOT:
         acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
-    out_mask = b_ok[:, None] & n_ok[None, :]
-    if COUNT:  # every column block sees the same x: the first one writes this K slice's counts
-        if pid_n == 0:
-            tl.store(zeros_ptr + pid_k * B + offs_b, zeros.to(tl.int64), mask=b_ok)
-    if WRITE_PARTIAL:
-        slot = partial_ptr + pid_k * B * N
-        tl.store(slot + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
+                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT)
 
 
 @triton.jit
@@ -168,6 +184,93 @@ def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_pt
     tl.store(out_ptr + (offs // N) * stride_ob + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _compact_active_kernel(x_ptr, t_ptr, idx_ptr, active_ptr, B, K, stride_xb, T_PER_CHANNEL: tl.constexpr,
+                           BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
+    """Per chunk of CHUNK inputs: the indices of those active in any row (not |x| <= t), packed at the start of
+    the chunk's segment of idx (in order), and how many there are."""
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    k_ok = offs < K
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                other=0.0)
+    if T_PER_CHANNEL:
+        t = tl.load(t_ptr + offs, mask=k_ok, other=0.0)
+    else:
+        t = tl.load(t_ptr)
+    keep = (~(tl.abs(x.to(tl.float32)) <= t)) & b_ok[:, None] & k_ok[None, :]
+    active = tl.max(keep.to(tl.int32), axis=0)
+    position = tl.cumsum(active, axis=0) - 1
+    tl.store(idx_ptr + c * CHUNK + position, offs, mask=active > 0)
+    tl.store(active_ptr + c, tl.sum(active, axis=0))
+
+
+@triton.jit
+def _sparse_gemv_compact_kernel(
+    x_ptr, wt_ptr, t_ptr, idx_ptr, active_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
+    B, K, N, stride_xb, stride_wk, stride_ob, chunks_per_split, n_chunks,
+    T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """`_sparse_gemv_kernel` over the packed active inputs of its chunks (`_compact_active_kernel`): its steps
+    follow the active inputs, not K, so at high sparsity every step loads BLOCK_K real weight rows."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    c_start = pid_k * chunks_per_split
+    c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
+    for c in range(c_start, c_end):
+        n_active = tl.load(active_ptr + c)
+        if COUNT:  # inputs no row keeps are zero in every row; the others are counted as they are masked
+            zeros += tl.minimum(K - c * CHUNK, CHUNK) - n_active
+        for j in range(0, n_active, BLOCK_K):
+            offs_j = j + tl.arange(0, BLOCK_K)
+            j_ok = offs_j < n_active
+            k_idx = tl.load(idx_ptr + c * CHUNK + offs_j, mask=j_ok, other=0)
+            if T_PER_CHANNEL:
+                t = tl.load(t_ptr + k_idx, mask=j_ok, other=0.0)
+            else:
+                t = t_scalar
+            w = tl.load(wt_ptr + k_idx[:, None] * stride_wk + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            if USE_DOT:
+                xk_ok = b_ok[:, None] & j_ok[None, :]
+                x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
+                keep = (~(tl.abs(x.to(tl.float32)) <= t)) & xk_ok  # a row may drop an input another keeps
+                xm = tl.where(keep, x, 0.0).to(w.dtype)
+                if COUNT:
+                    zeros += tl.sum(((xm == 0) & xk_ok).to(tl.int32), axis=1)
+                if DOT_FP32:  # the CPU interpreter's bf16 dot is wrong; the GPU path keeps native dtypes
+                    acc += tl.dot(xm.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                elif w.dtype == tl.float32:
+                    acc += tl.dot(xm, w, input_precision="ieee")
+                else:
+                    acc += tl.dot(xm, w, out_dtype=tl.float32)
+            else:
+                x = tl.load(x_ptr + k_idx, mask=j_ok, other=0.0)
+                keep = (~(tl.abs(x.to(tl.float32)) <= t)) & j_ok
+                xm = tl.where(keep, x.to(tl.float32), 0.0)
+                acc2d += xm[:, None] * w.to(tl.float32)
+                if COUNT:
+                    zeros += tl.sum(((xm == 0) & j_ok).to(tl.int32), axis=0)
+    if not USE_DOT:
+        acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
+    _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
+                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT)
+
+
 def launch_device(t: torch.Tensor):
     """The context that makes `t`'s GPU the current device for a Triton launch (nothing on other devices)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -181,6 +284,10 @@ class LaunchConfig:
     block_k: int
     split_k: int
     num_warps: int = 4
+    #: 0: every program walks its K slice in BLOCK_K steps, skipping inactive rows by masked loads. A power of
+    #: two: a first small launch packs the active inputs of each chunk of this many, and the programs step
+    #: through those only (`split_k` then counts programs over whole chunks).
+    compact_chunk: int = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,8 +326,16 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
     if x.stride(-1) != 1 or wt.stride(-1) != 1:
         raise ValueError("sparse_gemv: x and wt need unit stride in their last dimension")
     cfg = config or choose_config(B, K, N, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(K, k_per_split)
+    chunk = cfg.compact_chunk
+    if chunk:
+        if chunk & (chunk - 1):
+            raise ValueError(f"sparse_gemv: compact_chunk={chunk} is not a power of two")
+        n_chunks = triton.cdiv(K, chunk)
+        chunks_per_split = triton.cdiv(n_chunks, cfg.split_k)
+        split = triton.cdiv(n_chunks, chunks_per_split)
+    else:
+        k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+        split = triton.cdiv(K, k_per_split)
     if out is None:
         out = torch.empty((B, N), device=x.device, dtype=x.dtype)
     partial = torch.empty((split, B, N), device=x.device, dtype=torch.float32) if split > 1 else out
@@ -228,15 +343,24 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
     bias_arg = bias if bias is not None else out
     zeros = torch.empty((split, B), device=x.device, dtype=torch.int64) if count_zeros else out
     counts = torch.empty(B, device=x.device, dtype=torch.int64) if count_zeros and split > 1 else zeros
+    flags = dict(T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
+                 COUNT=count_zeros, USE_DOT=use_dot, DOT_FP32=interpreting(), BLOCK_B=16 if use_dot else 1,
+                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+    grid = (triton.cdiv(N, cfg.block_n), split)
     with launch_device(x):  # Triton launches on the current device; a model split over GPUs has several
-        _sparse_gemv_kernel[(triton.cdiv(N, cfg.block_n), split)](
-            x, wt, threshold, bias_arg, out, partial, zeros,
-            B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split,
-            T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
-            COUNT=count_zeros,
-            USE_DOT=use_dot, DOT_FP32=interpreting(),
-            BLOCK_B=16 if use_dot else 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        )
+        if chunk:
+            idx = torch.empty(n_chunks * chunk, device=x.device, dtype=torch.int32)
+            active = torch.empty(n_chunks, device=x.device, dtype=torch.int32)
+            _compact_active_kernel[(n_chunks,)](
+                x, threshold, idx, active, B, K, x.stride(0), T_PER_CHANNEL=threshold.dim() == 1,
+                BLOCK_B=triton.next_power_of_2(B), CHUNK=chunk, num_warps=4)
+            _sparse_gemv_compact_kernel[grid](
+                x, wt, threshold, idx, active, bias_arg, out, partial, zeros,
+                B, K, N, x.stride(0), wt.stride(0), out.stride(0), chunks_per_split, n_chunks, CHUNK=chunk, **flags)
+        else:
+            _sparse_gemv_kernel[grid](
+                x, wt, threshold, bias_arg, out, partial, zeros,
+                B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split, **flags)
         if split > 1:
             block = 1024
             _reduce_partials_kernel[(triton.cdiv(B * N, block),)](
