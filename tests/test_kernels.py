@@ -255,8 +255,13 @@ for dtype in ("bf16", "fp16", "fp32"):
         # the compacted variant: the same arguments plus the packed indices, their counts and a chunk size
         csig = {**{n: t for n, t in sig.items() if n != "k_per_split"}, "idx_ptr": "*i32", "active_ptr": "*i32",
                 "chunks_per_split": "i32", "n_chunks": "i32", "CHUNK": "constexpr"}
-        triton.compile(ASTSource(fn=sg._sparse_gemv_compact_kernel, signature=csig,
-                                 constexprs={**consts, "CHUNK": 512}), target=target)
+        cnames = sg._sparse_gemv_compact_kernel.arg_names
+        cattrs = {(cnames.index(n),): [["tt.divisibility", 16]] for n in csig
+                  if csig[n] != "constexpr" and n not in ("B", "chunks_per_split", "n_chunks")}
+        kernel = triton.compile(ASTSource(fn=sg._sparse_gemv_compact_kernel, signature=csig,
+                                          constexprs={**consts, "CHUNK": 512}, attrs=cattrs), target=target)
+        if not use_dot:  # the gathered weight rows load in 16-byte vectors too
+            assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: compacted batch-1 weight loads not vectorized"
         consts = dict(T_PER_CHANNEL=use_dot, BLOCK_B=8 if use_dot else 1, CHUNK=512)
         sig = {"x_ptr": p, "t_ptr": "*fp32", "idx_ptr": "*i32", "active_ptr": "*i32", "B": "i32", "K": "i32",
                "stride_xb": "i32", **{k: "constexpr" for k in consts}}
