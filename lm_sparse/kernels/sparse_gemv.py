@@ -69,6 +69,33 @@ def _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT: tl.constexpr)
 
 
 @triton.jit
+def _rows_step(acc, zeros, x, keep, ok, w, COUNT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One step of 2..8 rows: acc [BLOCK_B, BLOCK_N] += masked x [BLOCK_B, BLOCK_K] @ w on the tensor cores;
+    zeros [BLOCK_B] += the step's zero entries of the masked x (`ok`: the real rows and inputs)."""
+    xm = tl.where(keep, x, 0.0).to(w.dtype)
+    if COUNT:
+        zeros += tl.sum(((xm == 0) & ok).to(tl.int32), axis=1)
+    if DOT_FP32:  # the CPU interpreter's bf16 dot is wrong; the GPU path keeps native dtypes
+        acc += tl.dot(xm.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    elif w.dtype == tl.float32:
+        acc += tl.dot(xm, w, input_precision="ieee")
+    else:
+        acc += tl.dot(xm, w, out_dtype=tl.float32)
+    return acc, zeros
+
+
+@triton.jit
+def _row_step(acc2d, zeros, x, keep, ok, w, COUNT: tl.constexpr):
+    """One step of one row: acc2d [BLOCK_K, BLOCK_N] += masked x [BLOCK_K] times its weight rows (reduced over K
+    once, at the end); zeros [1] += the step's zero entries of the masked x (`ok`: the real inputs)."""
+    xm = tl.where(keep, x.to(tl.float32), 0.0)
+    acc2d += xm[:, None] * w.to(tl.float32)
+    if COUNT:
+        zeros += tl.sum(((xm == 0) & ok).to(tl.int32), axis=0)
+    return acc2d, zeros
+
+
+@triton.jit
 def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
                  zeros_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr):
     """A program's [BLOCK_B, BLOCK_N] float32 sums of its K slice: into the slice's partial slot, or (no
@@ -137,23 +164,12 @@ def _sparse_gemv_kernel(
             active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=active[:, None] & n_ok[None, :], other=0.0)
-            xm = tl.where(keep, x, 0.0).to(w.dtype)
-            if COUNT:
-                zeros += tl.sum(((xm == 0) & xk_ok).to(tl.int32), axis=1)
-            if DOT_FP32:  # the CPU interpreter's bf16 dot is wrong; the GPU path keeps native dtypes
-                acc += tl.dot(xm.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            elif w.dtype == tl.float32:
-                acc += tl.dot(xm, w, input_precision="ieee")
-            else:
-                acc += tl.dot(xm, w, out_dtype=tl.float32)
+            acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
         else:
             keep = (~(tl.abs(x.to(tl.float32)) <= t)) & k_ok
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=keep[:, None] & n_ok[None, :], other=0.0)
-            xm = tl.where(keep, x.to(tl.float32), 0.0)
-            acc2d += xm[:, None] * w.to(tl.float32)
-            if COUNT:
-                zeros += tl.sum(((xm == 0) & k_ok).to(tl.int32), axis=0)
+            acc2d, zeros = _row_step(acc2d, zeros, x, keep, k_ok, w, COUNT)
 
     if not USE_DOT:
         acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
@@ -249,22 +265,11 @@ def _sparse_gemv_compact_kernel(
                 xk_ok = b_ok[:, None] & j_ok[None, :]
                 x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
                 keep = (~(tl.abs(x.to(tl.float32)) <= t)) & xk_ok  # a row may drop an input another keeps
-                xm = tl.where(keep, x, 0.0).to(w.dtype)
-                if COUNT:
-                    zeros += tl.sum(((xm == 0) & xk_ok).to(tl.int32), axis=1)
-                if DOT_FP32:  # the CPU interpreter's bf16 dot is wrong; the GPU path keeps native dtypes
-                    acc += tl.dot(xm.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                elif w.dtype == tl.float32:
-                    acc += tl.dot(xm, w, input_precision="ieee")
-                else:
-                    acc += tl.dot(xm, w, out_dtype=tl.float32)
+                acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
             else:
                 x = tl.load(x_ptr + k_idx, mask=j_ok, other=0.0)
                 keep = (~(tl.abs(x.to(tl.float32)) <= t)) & j_ok
-                xm = tl.where(keep, x.to(tl.float32), 0.0)
-                acc2d += xm[:, None] * w.to(tl.float32)
-                if COUNT:
-                    zeros += tl.sum(((xm == 0) & j_ok).to(tl.int32), axis=0)
+                acc2d, zeros = _row_step(acc2d, zeros, x, keep, j_ok, w, COUNT)
     if not USE_DOT:
         acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
