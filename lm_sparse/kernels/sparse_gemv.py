@@ -69,6 +69,12 @@ def _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT: tl.constexpr)
 
 
 @triton.jit
+def _keep(x, t):
+    """not(|x| <= t): the engine's Threshold rule exactly (t rounded down to x's dtype; NaN survives, as there)."""
+    return ~(tl.abs(x.to(tl.float32)) <= t)
+
+
+@triton.jit
 def _rows_step(acc, zeros, x, keep, ok, w, COUNT: tl.constexpr, DOT_FP32: tl.constexpr):
     """One step of 2..8 rows: acc [BLOCK_B, BLOCK_N] += masked x [BLOCK_B, BLOCK_K] @ w on the tensor cores;
     zeros [BLOCK_B] += the step's zero entries of the masked x (`ok`: the real rows and inputs)."""
@@ -159,14 +165,13 @@ def _sparse_gemv_kernel(
             t = t_scalar
         if USE_DOT:
             xk_ok = b_ok[:, None] & k_ok[None, :]
-            # keep = not(|x| <= t): the engine's Threshold rule exactly (NaN survives, as there).
-            keep = (~(tl.abs(x.to(tl.float32)) <= t)) & xk_ok
+            keep = _keep(x, t) & xk_ok
             active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=active[:, None] & n_ok[None, :], other=0.0)
             acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
         else:
-            keep = (~(tl.abs(x.to(tl.float32)) <= t)) & k_ok
+            keep = _keep(x, t) & k_ok
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=keep[:, None] & n_ok[None, :], other=0.0)
             acc2d, zeros = _row_step(acc2d, zeros, x, keep, k_ok, w, COUNT)
@@ -216,7 +221,7 @@ def _compact_active_kernel(x_ptr, t_ptr, idx_ptr, active_ptr, B, K, stride_xb, T
         t = tl.load(t_ptr + offs, mask=k_ok, other=0.0)
     else:
         t = tl.load(t_ptr)
-    keep = (~(tl.abs(x.to(tl.float32)) <= t)) & b_ok[:, None] & k_ok[None, :]
+    keep = _keep(x, t) & b_ok[:, None] & k_ok[None, :]
     active = tl.max(keep.to(tl.int32), axis=0)
     position = tl.cumsum(active, axis=0) - 1
     tl.store(idx_ptr + c * CHUNK + position, offs, mask=active > 0)
@@ -264,11 +269,11 @@ def _sparse_gemv_compact_kernel(
             if USE_DOT:
                 xk_ok = b_ok[:, None] & j_ok[None, :]
                 x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
-                keep = (~(tl.abs(x.to(tl.float32)) <= t)) & xk_ok  # a row may drop an input another keeps
+                keep = _keep(x, t) & xk_ok  # a row may drop an input another keeps
                 acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
             else:
                 x = tl.load(x_ptr + k_idx, mask=j_ok, other=0.0)
-                keep = (~(tl.abs(x.to(tl.float32)) <= t)) & j_ok
+                keep = _keep(x, t) & j_ok
                 acc2d, zeros = _row_step(acc2d, zeros, x, keep, j_ok, w, COUNT)
     if not USE_DOT:
         acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
@@ -357,7 +362,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
             idx = torch.empty(n_chunks * chunk, device=x.device, dtype=torch.int32)
             active = torch.empty(n_chunks, device=x.device, dtype=torch.int32)
             _compact_active_kernel[(n_chunks,)](
-                x, threshold, idx, active, B, K, x.stride(0), T_PER_CHANNEL=threshold.dim() == 1,
+                x, threshold, idx, active, B, K, x.stride(0), T_PER_CHANNEL=flags["T_PER_CHANNEL"],
                 BLOCK_B=triton.next_power_of_2(B), CHUNK=chunk, num_warps=4)
             _sparse_gemv_compact_kernel[grid](
                 x, wt, threshold, idx, active, bias_arg, out, partial, zeros,
