@@ -6,8 +6,8 @@
 # A task's whole device time is 15 minutes (machine start included), so the first GPU session runs ONE call
 # (carry [".whl"], timeout_s 570) that does every measurement at reduced size, most valuable first:
 #   bash benchmarks/gpu_suite.sh lease
-# = env, check (the lm-eval kernel check), gemv-lease (8B up/gate and down, batch 1/2/4/8, s 0/0.5/0.9, small
-# tile sweep), prefill, decode (dense, then TEAL 0.5, 0.7, 0.25, 0.4; one compiled step serves every level),
+# = env, check (the lm-eval kernel check), prefill, gemv-lease (8B up/gate and down, batch 1/2/4/8, s 0/0.5/0.9,
+# small tile sweep), decode (dense, then TEAL 0.5, 0.7, 0.25, 0.4; one compiled step serves every level),
 # tests-kernels, tests-generation. They share LEASE_SECONDS (default 510): a step gets at most its own cap
 # and what is left, one past its time is stopped (exit 124) with what it wrote kept, and a step that fails
 # does not stop the next. Its output goes to one log, $OUT/lease.log, beside the steps' JSON files (the
@@ -22,9 +22,11 @@ mkdir -p "$OUT"
 
 STEP_NAMES="wheels lease env tests tests-kernels tests-generation check gemv gemv-lease gemv70 decode prefill"
 # Each step's own cap in seconds under `lease` (estimates for an H100/H200, from the steps' sizes).
-declare -A LEASE_CAP=([env]=60 [check]=120 [gemv-lease]=150 [prefill]=60 [decode]=240 [tests-kernels]=120
+# Cheapest first, so a slow compile in the decode step (two torch.compile runs of a 32-layer model) costs the
+# tests at the end, not the other measurements.
+declare -A LEASE_CAP=([env]=60 [check]=120 [prefill]=75 [gemv-lease]=150 [decode]=300 [tests-kernels]=120
                       [tests-generation]=180)
-LEASE_STEPS=(env check gemv-lease prefill decode tests-kernels tests-generation)
+LEASE_STEPS=(env check prefill gemv-lease decode tests-kernels tests-generation)
 
 setup() {
   if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
