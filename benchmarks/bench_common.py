@@ -38,9 +38,12 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device,
     return statistics.median(wall_seconds(fn, device) for _ in range(repeats))
 
 
-def write_results(path: str | None, meta: dict, rows: list[dict]) -> None:
-    """Write {"meta", "rows"} as JSON to `path`, making its folder (nothing when `path` is None)."""
+def write_results(path: str | None, meta: dict, rows: list[dict], **extra: object) -> None:
+    """Write {"meta", "rows", **extra} as JSON to `path`, making its folder (nothing when `path` is None);
+    atomically, so a run stopped mid-write leaves the previous complete file."""
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "rows": rows, **extra}, f, indent=1)
+        os.replace(tmp, path)

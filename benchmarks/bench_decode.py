@@ -34,6 +34,7 @@ from lm_sparse.engine.engine import SparsityEngine  # noqa: E402
 from lm_sparse.engine.rules import Threshold  # noqa: E402
 from lm_sparse.kernels.backend import attach_decode_kernels  # noqa: E402
 from lm_sparse.kernels.decode import generate_static  # noqa: E402
+from lm_sparse.kernels.sparse_gemv import CONFIGS_ENV  # noqa: E402
 
 from bench_common import environment, median_seconds, wall_seconds, write_results  # noqa: E402
 
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     meta = {**environment(device),
             "model": "tiny llama (smoke)" if args.smoke else "Llama-3-8B-shaped, random weights, bf16",
-            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1, "counting": not args.no_count}
+            "prompt": prompt_len, "new_tokens": new_tokens, "batch": 1, "counting": not args.no_count,
+            "gemv_configs": os.environ.get(CONFIGS_ENV)}  # measured launch configurations, if any
 
     def skips() -> int:
         """CUDA graphs skipped so far (reduce-overhead falls back silently: eager-speed numbers)."""

@@ -1,25 +1,29 @@
 """Microbenchmark of the input-sparse GEMV (`lm_sparse::sparse_linear`) against cuBLAS dense F.linear.
 
-For every weight shape (in x out), batch and sparsity: median time (triton's do_bench, which flushes L2
-before every run, cycling through rotated inputs so no run sees the previous one's x) of the kernel as
-decode steps run it (zero counting on, `count_zeros=True`), with `choose_config`'s tiles ("default") and,
-with `--sweep`, with the fastest of the tile/split candidates timed at s = 0.5 and s = 0.9 ("best");
-bytes the kernel actually reads (union of active weight rows + x + y), achieved GB/s, speedup over cuBLAS
-F.linear on the ordinary [out, in] weight at the same batch (and cuBLAS's time on the input-major view
-`wt.t()`, the layout the dense fallback and prefill use once the kernels are attached), and the ideal
-1/(1-s). The device's copy bandwidth is measured in the same run. Every timed configuration's output is
-also checked against the float64 reference of the masked product on a fresh input, into a NaN-poisoned
-output (`rel_error`; the script exits 1 after writing its results if one is over its dtype's tolerance), and
-the JSON is rewritten after every row, so a run cut off by a time limit keeps what it measured.
-The sweep's candidates include the compacted variant (`LaunchConfig.compact_chunk`: a first launch packs the
-active inputs, and the steps follow them rather than K). `--sweep-grid small` times 30 candidates per shape and
-batch around `choose_config`'s (for a short device lease), `full` (default) the whole grid of `sweep_configs`.
-Prints a Markdown table and writes JSON.
+For every weight shape (in x out), batch and sparsity: the time of the kernel as decode steps run it (zero
+counting on, inside a CUDA graph), with `choose_config`'s tiles ("default") and, with `--sweep`, with the
+candidate that is fastest over s = 0.5 and 0.9 together ("best"); bytes the kernel actually reads (union of
+active weight rows + x + y), achieved GB/s, speedup over cuBLAS F.linear on the ordinary [out, in] weight at
+the same batch (and cuBLAS's time on the input-major view `wt.t()`, the layout the dense fallback and prefill
+use once the kernels are attached), and the ideal 1/(1-s). The device's copy bandwidth is measured in the
+same run.
+
+Timing (GPU): one CUDA graph of R back-to-back calls, each on its own copy of the weight and its own input
+(R copies hold at least 4x the L2 cache at the sparse bytes, so no call finds its rows in L2), replayed;
+the median replay over R. This is how a compiled decode step runs them: no Python or launch overhead
+between kernels, and no kernel reads weights the previous one left in L2. (`do_bench` times each call from
+Python: for a kernel of tens of microseconds it measures the launch path, not the kernel.)
+
+Every timed configuration's output is also checked against the float64 reference of the masked product on a
+fresh input, into a NaN-poisoned output (`rel_error`; the script exits 1 after writing its results if one is
+over its dtype's tolerance), and the JSON is rewritten after every row, so a run cut off by a time limit keeps
+what it measured. `--write-configs` writes each (batch, shape)'s best configuration in the format
+`LM_SPARSE_GEMV_CONFIGS` reads (`choose_config` then uses it). Prints a Markdown table and writes JSON.
 
     python benchmarks/bench_gemv.py --out bench_gemv.json           # GPU: Llama-3-8B and 70B shapes, bf16
     python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also the fastest tiling
     python benchmarks/bench_gemv.py --shapes 8b-upgate --batches 1  # GPU: a subset
-    python benchmarks/bench_gemv.py --sweep --sweep-grid small ...  # GPU: a sweep that fits a short lease
+    python benchmarks/bench_gemv.py --sweep --write-configs gemv_configs.json ...  # GPU: tuned table
     python benchmarks/bench_gemv.py --smoke                         # CPU: tiny shapes, Triton interpreter
 """
 
@@ -27,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
+import functools
 import os
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,6 +53,7 @@ SHAPES = {  # key: (name, in_features K, out_features N)
     "8b-down": ("8B down 14336x4096", 14336, 4096),
     "8b-o": ("8B o 4096x4096", 4096, 4096),
     "8b-qkv": ("8B qkv 4096x6144", 4096, 6144),
+    "8b-gateup": ("8B gate+up fused 4096x28672", 4096, 28672),  # one launch under sparse-hf (TEAL)
     "70b-up": ("70B up 8192x28672", 8192, 28672),
 }
 SMOKE_SHAPES = {"smoke-a": ("smoke 96x80", 96, 80), "smoke-b": ("smoke 80x112", 80, 112)}
@@ -56,20 +62,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ||y - reference|| / ||reference|| allowed per output dtype: the output's own rounding (bf16: 2**-9 relative
 # per element) plus float32 accumulation; the interpreter rounds float32 to bfloat16 toward zero (one ulp).
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+MIN_COPIES, MAX_COPY_BYTES = 8, 12 << 30
 
 
-def _xt(pair: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    return {"x": pair[0], "threshold": pair[1]}
-
-
-def bench(fn, device: torch.device, reps: int = 5, quick: bool = False) -> float:
-    """Median seconds of fn(): triton's do_bench on CUDA (`quick`: shorter, for the sweep's candidates),
-    perf_counter elsewhere (smoke runs)."""
+def bench(fn, device: torch.device, reps: int = 5) -> float:
+    """Median seconds of fn(): triton's do_bench on CUDA (long operations only, e.g. the bandwidth copy),
+    perf_counter elsewhere."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        warmup, rep = (5, 20) if quick else (25, 100)
-        return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e-3
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
     fn()
     times = []
     for _ in range(reps):
@@ -77,6 +79,36 @@ def bench(fn, device: torch.device, reps: int = 5, quick: bool = False) -> float
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def graph_seconds(calls: list, device: torch.device, replays: int = 20) -> float:
+    """Seconds per call of `calls` run back to back: on CUDA one graph of all of them, replayed (median);
+    elsewhere perf_counter around plain calls (smoke runs)."""
+    if device.type != "cuda":  # smoke runs check the script, not the speed: one timed run
+        return bench(lambda: [c() for c in calls], device, reps=1) / len(calls)
+    calls[0]()  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del graph
+    return statistics.median(times) / len(calls)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -97,35 +129,30 @@ def rotated_inputs(batch: int, k: int, sparsity: float, dtype: torch.dtype, devi
     return sets
 
 
-def sweep_configs(batch: int, k: int, n: int, smoke: bool, grid: str = "full",
-                  default: LaunchConfig | None = None) -> list[LaunchConfig]:
-    """Tile/split candidates for `--sweep` (the GPU defaults in `choose_config` come from these), and the
-    compacted variant's (`compact_chunk`: steps over the packed active inputs of each chunk).
+def copies_for(read_bytes: float, l2_bytes: int, available: int) -> int:
+    """Weight copies a graph cycles through so that no call finds its rows in L2: at least 4x L2 in all."""
+    return max(1, min(available, max(MIN_COPIES, -(-4 * l2_bytes // max(1, int(read_bytes))))))
 
-    `grid="small"`: two K tiles, three N tiles, `default`'s split halved, kept and doubled (18), and the
-    compacted variant at 512-input chunks, one and two chunks a program (12)."""
+
+def sweep_configs(batch: int, smoke: bool, grid: str = "full") -> list[LaunchConfig]:
+    """`--sweep`'s candidates: the unrolled kernel (`steps`) over tiles and steps a program, plus (grid "full")
+    the runtime walk over whole K slices and the compacted variant. "small" is the unrolled ones alone (24 at
+    batch 1, 16 above), for a short device lease."""
     if smoke:
-        return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32)]
-    blocks_n = (64, 128, 256) if batch == 1 else (32, 64, 128)
-    blocks_k = (16, 32, 64) if batch == 1 else (32, 64, 128)
-    splits: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    chunks: tuple[int, ...] = (256, 512, 1024)
-    if grid == "small":
-        blocks_k = blocks_k[1:]
-        base = default.split_k if default is not None else 4
-        splits = tuple(sorted({max(1, base // 2), base, base * 2}))
-        chunks = (512,)
-    configs = []
-    for bn, bk in itertools.product(blocks_n, blocks_k):
-        warps = 4 if bn * bk <= 4096 else 8
-        for split in splits:
-            if k // split >= bk:
-                configs.append(LaunchConfig(bn, bk, split, warps))
-        for chunk in chunks:
-            n_chunks = -(-k // chunk)
-            for per_program in (1, 2):
-                configs.append(LaunchConfig(bn, bk, -(-n_chunks // per_program), warps, compact_chunk=chunk))
-    return list(dict.fromkeys(configs))
+        return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32),
+                LaunchConfig(32, 16, 0, steps=2), LaunchConfig(16, 16, 0, steps=4)]
+    if batch == 1:  # (block_n, block_k, warps): the [BLOCK_K, BLOCK_N] float32 accumulator stays <= 64 registers
+        tiles = [(64, 32, 4), (128, 16, 4), (128, 32, 4), (128, 64, 8), (256, 32, 4), (256, 16, 4)]
+        steps: tuple[int, ...] = (2, 4, 8, 16)
+    else:
+        tiles = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (128, 32, 8)]
+        steps = (1, 2, 4, 8)
+    configs = [LaunchConfig(bn, bk, 0, w, steps=st) for bn, bk, w in tiles for st in steps]
+    if grid == "full":
+        for bn, bk, w in tiles:
+            configs += [LaunchConfig(bn, bk, split, w) for split in (4, 8, 16)]
+            configs += [LaunchConfig(bn, bk, split, w, compact_chunk=512) for split in (4, 8)]
+    return configs
 
 
 def relative_error(wt: torch.Tensor, batch: int, sparsity: float, config: LaunchConfig) -> float:
@@ -139,13 +166,10 @@ def relative_error(wt: torch.Tensor, batch: int, sparsity: float, config: Launch
     return float((y.double() - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
-def _timer(sets: list, wt: torch.Tensor, device: torch.device):
-    """seconds(config, quick) of the counted kernel (what decode steps run) over the rotated `sets`."""
-    def seconds(config: LaunchConfig, quick: bool = False) -> float:
-        it = itertools.cycle(sets)
-        return bench(lambda: sparse_gemv(**_xt(next(it)), wt=wt, config=config, count_zeros=True), device,
-                     quick=quick)
-    return seconds
+def kernel_seconds(wts: list[torch.Tensor], sets: list, config: LaunchConfig, device: torch.device) -> float:
+    """Per-call seconds of the counted kernel (what decode steps run), call i on copy i and input i."""
+    return graph_seconds([functools.partial(sparse_gemv, x, wt, t, config=config, count_zeros=True)
+                          for wt, (x, t) in zip(wts, sets)], device)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -161,34 +185,45 @@ def run(args: argparse.Namespace) -> list[dict]:
     sparsities = [0.0, 0.5, 0.9] if args.smoke else [float(s) for s in args.sparsities.split(",")]
     elt = torch.tensor([], dtype=dtype).element_size()
     bandwidth = copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30))
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if device.type == "cuda" else 0
     meta = {**environment(device), "dtype": args.dtype, "counted": True, "sweep": args.sweep,
             "sweep_grid": args.sweep_grid if args.sweep else None, "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-            "rotate": args.rotate, "smoke": args.smoke, "tolerance": TOLERANCE[dtype]}
-    rows = []
+            "timing": "CUDA graph of back-to-back calls, one weight copy each" if device.type == "cuda"
+            else "perf_counter (smoke)", "l2_bytes": l2, "smoke": args.smoke, "tolerance": TOLERANCE[dtype]}
+    rows, tuned = [], []
     for key in keys:
         name, k, n = table[key]
-        weight = torch.randn(n, k, device=device, dtype=dtype) / k**0.5  # cuBLAS baseline: ordinary layout
-        wt = weight.t().contiguous()
+        available = max(1, min(64, MAX_COPY_BYTES // (2 * k * n * elt)))
+        # the sparsest level sets how many copies every measurement of this shape may cycle through
+        densest_sparse = 1 - max(sparsities + list(SWEEP_SPARSITIES if args.sweep else ()))
+        n_copies = 2 if args.smoke else copies_for(max(densest_sparse, 0.01) * k * n * elt, l2, available)
+        wts = [torch.randn(k, n, device=device, dtype=dtype) / k**0.5 for _ in range(n_copies)]
+        weights = [wt.t().contiguous() for wt in wts]  # cuBLAS baseline: the ordinary [out, in] layout
         for batch in batches:
-            dense_sets = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(args.rotate)]
-            it = itertools.cycle(dense_sets)
-            t_dense = bench(lambda: torch.nn.functional.linear(next(it), weight), device)
-            t_dense_im = bench(lambda: torch.nn.functional.linear(next(it), wt.t()), device)
+            r_dense = 2 if args.smoke else copies_for(k * n * elt, l2, n_copies)
+            xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(r_dense)]
+            t_dense = graph_seconds([functools.partial(F.linear, x, w) for x, w in zip(xs, weights)], device)
+            t_dense_im = graph_seconds([functools.partial(F.linear, x, wt.t()) for x, wt in zip(xs, wts)], device)
             default = choose_config(batch, k, n, device)
-            candidates = {default}
-            if args.sweep:  # the fastest tiling at each sweep sparsity joins the candidates
+            best = default
+            if args.sweep:  # the candidate fastest over the sweep sparsities together
+                totals: dict[LaunchConfig, float] = {}
                 for s_sweep in SWEEP_SPARSITIES:
-                    seconds = _timer(rotated_inputs(batch, k, s_sweep, dtype, device, args.rotate), wt, device)
-                    grid = sweep_configs(batch, k, n, args.smoke, args.sweep_grid, default)
-                    timed = [(seconds(c, quick=True), c) for c in grid]
-                    candidates.add(min(timed, key=lambda tc: tc[0])[1])
+                    count = 2 if args.smoke else copies_for((1 - s_sweep) * k * n * elt, l2, n_copies)
+                    sets = rotated_inputs(batch, k, s_sweep, dtype, device, count)
+                    for c in dict.fromkeys([default] + sweep_configs(batch, args.smoke, args.sweep_grid)):
+                        totals[c] = totals.get(c, 0.0) + kernel_seconds(wts[:count], sets, c, device)
+                best = min(totals, key=totals.__getitem__)
+                tuned.append({"shape": name, "batch": batch, "in": k, "out": n, "config": dataclasses.asdict(best),
+                              "sweep_us": totals[best] * 1e6, "default_sweep_us": totals[default] * 1e6})
+                if args.write_configs:
+                    write_results(args.write_configs, meta, [], configs=tuned)
             for s in sparsities:
-                sets = rotated_inputs(batch, k, s, dtype, device, args.rotate)
-                seconds = _timer(sets, wt, device)
-                t_default = seconds(default)
-                t_best, best = min([(t_default, default)] + [(seconds(c), c) for c in candidates - {default}],
-                                   key=lambda tc: tc[0])
-                error = max(relative_error(wt, batch, s, c) for c in {default, best})
+                count = 2 if args.smoke else copies_for(max(1 - s, 0.01) * k * n * elt, l2, n_copies)
+                sets = rotated_inputs(batch, k, s, dtype, device, count)
+                t_default = kernel_seconds(wts[:count], sets, default, device)
+                t_best = t_default if best == default else kernel_seconds(wts[:count], sets, best, device)
+                error = max(relative_error(wts[0], batch, s, c) for c in {default, best})
                 x0, t0 = sets[0]
                 union = float((x0.abs().float() > t0).any(0).float().mean())
                 bytes_read = union * k * n * elt + batch * k * elt + batch * n * elt
@@ -199,21 +234,22 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "gb_per_s": bytes_read / t_best / 1e9, "speedup": t_dense / t_best,
                     "speedup_default": t_dense / t_default, "ideal": 1 / max(1e-9, 1 - s),
                     "config": dataclasses.asdict(best), "default_config": dataclasses.asdict(default),
-                    "rel_error": error,
+                    "rel_error": error, "copies": count,
                 })
                 write_results(args.out, meta, rows)
                 print(f"{name} b={batch} s={s}: {t_best * 1e6:.1f} us (default {t_default * 1e6:.1f} us, "
                       f"dense {t_dense * 1e6:.1f} us), rel. error {error:.1e}", file=sys.stderr)
+        del wts, weights
     print_table(rows, meta)
     return rows
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\nDevice: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, {meta['dtype']}; "
-          f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s\n")
+          f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s; timing: {meta['timing']}\n")
     print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | cuBLAS on W^T view us "
           "| default tiles us | best us | MB read | GB/s (best) | speedup (best) | speedup (default) | ideal "
-          "| best tiles (N, K, split, warps, compact chunk) | rel. error |")
+          "| best tiles (N, K, split, warps, compact chunk, steps) | rel. error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
@@ -221,7 +257,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
               f"{r['dense_us']:.1f} | {r['dense_input_major_us']:.1f} | {r['default_us']:.1f} | "
               f"{r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
               f"{r['speedup']:.2f}x | {r['speedup_default']:.2f}x | {r['ideal']:.2f}x | "
-              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']}, {c['compact_chunk'] or '-'} | "
+              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']}, {c['compact_chunk'] or '-'}, "
+              f"{c['steps'] or '-'} | "
               f"{r['rel_error']:.1e} |")
 
 
@@ -232,15 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="all", help=f"all, or some of {','.join(SHAPES)} (comma-separated)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--sparsities", default="0,0.25,0.5,0.7,0.8,0.9,0.95")
-    parser.add_argument("--rotate", type=int, default=8, help="distinct inputs cycled through")
     parser.add_argument("--sweep", action="store_true",
                         help="time tile/split candidates at s = 0.5 and 0.9; report the fastest beside the default")
     parser.add_argument("--sweep-grid", choices=("full", "small"), default="full",
-                        help="the sweep's candidates: the whole grid, or 30 around the default tiles")
+                        help="the sweep's candidates: all variants, or the unrolled kernel's tiles and steps alone")
+    parser.add_argument("--write-configs", default=None,
+                        help="write each (batch, shape)'s best configuration here (for LM_SPARSE_GEMV_CONFIGS)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("--smoke is required without a CUDA device")
+    if args.write_configs and not args.sweep:
+        parser.error("--write-configs needs --sweep (it writes the sweep's winners)")
     rows = run(args)
     tolerance = TOLERANCE[DTYPES[args.dtype]]
     wrong = [r for r in rows if not r["rel_error"] <= tolerance]  # NaN fails too

@@ -20,13 +20,19 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 
-STEP_NAMES="wheels lease env tests tests-kernels tests-generation check gemv gemv-lease gemv70 decode prefill"
+STEP_NAMES="wheels lease lease-tune env tests tests-kernels tests-generation check gemv gemv-lease gemv70 decode prefill
+            gemv-b1 gemv-batch decode-tuned"
 # Each step's own cap in seconds under `lease` (estimates for an H100/H200, from the steps' sizes).
 # Cheapest first, so a slow compile in the decode step (two torch.compile runs of a 32-layer model) costs the
 # tests at the end, not the other measurements.
 declare -A LEASE_CAP=([env]=60 [check]=120 [prefill]=75 [gemv-lease]=150 [decode]=300 [tests-kernels]=120
                       [tests-generation]=180)
 LEASE_STEPS=(env check prefill gemv-lease decode tests-kernels tests-generation)
+# `lease-tune`: the kernels' tiles measured and used in the same call. gemv-b1 sweeps batch 1 on the shapes a
+# TEAL decode step runs (fused gate+up, down, fused qkv, o) and the issue's up/gate, writing the winners to
+# $OUT/gemv_configs.json; decode-tuned decodes with them (LM_SPARSE_GEMV_CONFIGS); gemv-batch is batch 2/4/8.
+LEASE_TUNE_STEPS=(gemv-b1 decode-tuned tests-kernels gemv-batch tests-generation)
+LEASE_CAP+=([gemv-b1]=110 [decode-tuned]=150 [gemv-batch]=90)
 
 setup() {
   if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
@@ -65,14 +71,14 @@ for step in "$@"; do  # every name checked before anything runs
   fi
 done
 STEPS=("$@")
-if [ "${STEPS[*]}" = lease ]; then
+if [ "${STEPS[*]}" = lease ] || [ "${STEPS[*]}" = lease-tune ]; then
   DEADLINE=$((SECONDS + ${LEASE_SECONDS:-510}))
   LOG=$OUT/lease.log
   : > "$LOG"
-  STEPS=("${LEASE_STEPS[@]}")
+  if [ "${STEPS[*]}" = lease ]; then STEPS=("${LEASE_STEPS[@]}"); else STEPS=("${LEASE_TUNE_STEPS[@]}"); fi
   DECODE_LEVELS=${DECODE_LEVELS:-0.5,0.7,0.25,0.4}  # the targets' level first: a cut-off run still has it
-elif [[ " ${STEPS[*]} " == *" lease "* ]]; then
-  echo "gpu_suite.sh: lease runs alone (it is every step at reduced size)" >&2
+elif [[ " ${STEPS[*]} " == *" lease "* || " ${STEPS[*]} " == *" lease-tune "* ]]; then
+  echo "gpu_suite.sh: lease and lease-tune run alone (each is a whole device call)" >&2
   exit 2
 fi
 
@@ -116,6 +122,21 @@ for step in "${STEPS[@]}"; do
       setup
       run_step decode "$cap" python3 benchmarks/bench_decode.py --levels "${DECODE_LEVELS:-0.25,0.4,0.5,0.7}" \
         --out "$OUT/bench_decode.json" ;;
+    gemv-b1)
+      setup
+      run_step gemv-b1 "$cap" python3 benchmarks/bench_gemv.py --sweep --sweep-grid small --batches 1 \
+        --shapes 8b-gateup,8b-down,8b-qkv,8b-o,8b-upgate --out "$OUT/bench_gemv_b1.json" \
+        --write-configs "$OUT/gemv_configs.json" ;;
+    gemv-batch)
+      setup
+      run_step gemv-batch "$cap" python3 benchmarks/bench_gemv.py --sweep --sweep-grid small --batches 2,4,8 \
+        --shapes 8b-upgate,8b-down --out "$OUT/bench_gemv_batch.json" --write-configs "$OUT/gemv_configs_batch.json" ;;
+    decode-tuned)
+      setup
+      if [ -s "$OUT/gemv_configs.json" ]; then export LM_SPARSE_GEMV_CONFIGS=$OUT/gemv_configs.json; fi
+      run_step decode-tuned "$cap" python3 benchmarks/bench_decode.py --levels "${DECODE_LEVELS:-0.25,0.4,0.5,0.7}" \
+        --repeats 2 --out "$OUT/bench_decode_tuned.json"
+      unset LM_SPARSE_GEMV_CONFIGS ;;
     prefill)
       setup
       run_step prefill "$cap" python3 benchmarks/bench_prefill_mask.py --out "$OUT/bench_prefill_mask.json" ;;

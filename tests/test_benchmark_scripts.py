@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -29,9 +30,15 @@ def _run(script: str, *args: str, cwd: Path, own_cache: bool = True) -> subproce
     return proc
 
 
-def test_bench_gemv_smoke_with_sweep(tmp_path):
-    out = tmp_path / "gemv.json"
-    _run("bench_gemv.py", "--smoke", "--sweep", "--out", str(out), cwd=tmp_path)
+def test_bench_gemv_smoke_with_sweep_writes_the_configs_choose_config_takes_on_a_gpu(tmp_path, monkeypatch):
+    """The sweep's rows are checked against the float64 reference; `--write-configs F` writes the winners, and
+    with LM_SPARSE_GEMV_CONFIGS=F `choose_config` returns them for the listed shapes on CUDA (the interpreter
+    keeps its own small tiles), its own rule elsewhere; a file of another format is one clear error naming the
+    variable."""
+    from lm_sparse.kernels import sparse_gemv as sg
+
+    out, configs = tmp_path / "gemv.json", tmp_path / "configs.json"
+    _run("bench_gemv.py", "--smoke", "--sweep", "--out", str(out), "--write-configs", str(configs), cwd=tmp_path)
     result = json.loads(out.read_text())
     assert "interpreter" in result["meta"]["device"]
     rows = result["rows"]
@@ -39,25 +46,36 @@ def test_bench_gemv_smoke_with_sweep(tmp_path):
     # every timed configuration's output was checked against the float64 reference
     assert all(0 < r["rel_error"] <= result["meta"]["tolerance"] for r in rows)
 
+    entries = json.loads(configs.read_text())["configs"]
+    assert {(e["batch"], e["in"], e["out"]) for e in entries} == {(1, 96, 80), (2, 96, 80), (1, 80, 112), (2, 80, 112)}
+    table = sg.load_config_table(str(configs))
+    monkeypatch.setenv(sg.CONFIGS_ENV, str(configs))
+    monkeypatch.setattr(sg, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    assert sg.choose_config(1, 96, 80, cuda) == table[(1, 96, 80)]
+    assert sg.choose_config(1, 4096, 4096, cuda) == sg.LaunchConfig(128, 32, 0, num_warps=4, steps=8)
+    monkeypatch.setattr(sg, "interpreting", lambda: True)
+    assert sg.choose_config(1, 96, 80, cuda) == sg.LaunchConfig(32, 16, 0, steps=2)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(ValueError, match=f"^{sg.CONFIGS_ENV}=.*bad.json: not a launch-configuration file"):
+        sg.load_config_table(str(bad))
 
-def test_small_sweep_grid_surrounds_the_default_tiles(monkeypatch):
-    """`--sweep-grid small` (the lease's sweep): two K tiles, three N tiles, the default split halved, kept and
-    doubled, each a valid launch, and the compacted variant at 512-input chunks, one or two a program; with
-    power-of-two splits the full grid holds all of them."""
+
+def test_sweep_grids_time_the_unrolled_kernel_and_the_full_grid_adds_the_other_variants(monkeypatch):
+    """`--sweep-grid small` (the lease's sweep) is the unrolled kernel over tiles and steps; the full grid adds
+    the runtime walk and the compacted variant over the same tiles."""
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_gemv
-    from lm_sparse.kernels.sparse_gemv import LaunchConfig
 
-    default = LaunchConfig(128, 32, 5)
-    small = bench_gemv.sweep_configs(1, 4096, 14336, False, "small", default)
-    walk = [c for c in small if not c.compact_chunk]
-    assert len(walk) == 18 and {c.split_k for c in walk} == {2, 5, 10}
-    assert {(c.block_n, c.block_k) for c in small} == {(n, k) for n in (64, 128, 256) for k in (32, 64)}
-    assert all(4096 // c.split_k >= c.block_k for c in walk)
-    compact = [c for c in small if c.compact_chunk]
-    assert len(compact) == 12 and {(c.compact_chunk, c.split_k) for c in compact} == {(512, 8), (512, 4)}
-    small4 = bench_gemv.sweep_configs(4, 4096, 14336, False, "small", LaunchConfig(64, 64, 4))
-    assert len(small4) == 30 and set(small4) <= set(bench_gemv.sweep_configs(4, 4096, 14336, False))
+    small1 = bench_gemv.sweep_configs(1, False, "small")
+    assert len(small1) == 24 and all(c.steps and not c.compact_chunk for c in small1)
+    assert {c.steps for c in small1} == {2, 4, 8, 16}
+    small4 = bench_gemv.sweep_configs(4, False, "small")
+    assert len(small4) == 16 and {c.steps for c in small4} == {1, 2, 4, 8}
+    full1 = bench_gemv.sweep_configs(1, False)
+    assert set(small1) < set(full1) and any(c.compact_chunk for c in full1)
+    assert any(not c.steps and not c.compact_chunk for c in full1)
 
 
 def test_bench_decode_smoke(tmp_path):

@@ -221,10 +221,11 @@ def test_executor_masks_an_input_of_another_dtype_as_the_rule_does():
     from lm_sparse.kernels.backend import make_decode_executor, make_input_major
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(48, 24, bias=False).to(torch.bfloat16)
+    lin = torch.nn.Linear(48, 24, bias=False).to(DEVICE, torch.bfloat16)  # on a GPU, compiled kernels need CUDA
     make_input_major(lin)
     x = torch.randn(2, 1, 48) * 0.05
     x[..., :4] = torch.tensor([0.04995, -0.04995, 0.05001, 0.05])
+    x = x.to(DEVICE)
     rule = Threshold(0.05)
     y, zeros = make_decode_executor(lin, 0.05, with_counts=True)(x)
     expected = torch.nn.functional.linear(rule(x).to(torch.bfloat16), lin.weight)
@@ -446,7 +447,7 @@ def test_kernels_are_not_attached_under_autocast_to_another_dtype(tmp_path, tiny
     assert "\n" not in str(err.value) and not loads
     with pytest.raises(SparsityArgumentError, match="weights as stored \\(float32\\)"):
         SparseHFLM(**args)  # dtype=auto: known once loaded
-    engine = SparsityEngine(make_tiny_model("llama"))
+    engine = SparsityEngine(make_tiny_model("llama").to(DEVICE))  # on a GPU, kernels attach to a CUDA model only
     engine.set_rules({s.index: Threshold(0.01) for s in engine.sites_in_groups("mlp_mid")})
     assert attach_decode_kernels(engine, required=False, allow_interpreter=True, autocast_dtype=torch.bfloat16) == []
     assert attach_decode_kernels(engine, required=False, allow_interpreter=True, autocast_dtype=torch.float32)

@@ -94,14 +94,17 @@ def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
 @pytest.mark.parametrize("config", [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 3), LaunchConfig(64, 16, 8),
                                     LaunchConfig(32, 16, 1, compact_chunk=32),
                                     LaunchConfig(16, 16, 2, compact_chunk=16),
-                                    LaunchConfig(64, 32, 8, compact_chunk=32)],
-                         ids=["direct", "split3", "split8", "compact", "compact-split2", "compact-split-all"])
+                                    LaunchConfig(64, 32, 8, compact_chunk=32),
+                                    LaunchConfig(32, 16, 0, steps=2), LaunchConfig(64, 32, 0, steps=4)],
+                         ids=["direct", "split3", "split8", "compact", "compact-split2", "compact-split-all",
+                              "steps2", "steps4-direct"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sparse_gemv_tilings(config, batch):
     """Direct write (no split) and split-K with a partial reduce give the same float64-close result and the
     same zero counts (summed by the reduce launch, or written directly without a split); so does the compacted
     variant, whose steps follow the packed active inputs of 16- or 32-input chunks (101 inputs: a partial last
-    chunk; split-all: more splits asked for than there are chunks)."""
+    chunk; split-all: more splits asked for than there are chunks); so does the unrolled variant (`steps`: 4
+    programs of 2 x 16 inputs, the last one partial; or one program of 4 x 32 inputs, writing y directly)."""
     x, wt, bias, t = _inputs(batch, 101, 45, torch.bfloat16, 0.5, True, seed=7)
     out = torch.full((batch, 45), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out, count_zeros=True)
@@ -124,6 +127,36 @@ def test_compacted_sparse_gemv_matches_float64_reference(dtype, batch, sparsity)
                                count_zeros=True)
         _check(y.cpu(), sparse_linear_reference(x, wt, t, b), x, wt, t)
         assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
+def test_unrolled_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
+    """The unrolled variant (`steps`: every program takes exactly that many BLOCK_K steps, what the GPU runs) on
+    the main test's odd shape: every dtype, batch, sparsity, scalar and per-channel thresholds, with the zero
+    counts."""
+    k, n = 83, 77
+    for per_channel, bias_on in ((False, True), (True, False)):
+        x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 20 + int(sparsity * 10))
+        b = bias if bias_on else None
+        out = torch.full((batch, n), float("nan"), dtype=dtype, device=DEVICE)
+        y, zeros = sparse_gemv(*_on_device(x, wt, t, b), config=LaunchConfig(32, 16, 0, steps=2), out=out,
+                               count_zeros=True)
+        _check(y.cpu(), sparse_linear_reference(x, wt, t, b), x, wt, t)
+        assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_reduce_sums_more_slices_than_one_tile(batch):
+    """700 inputs in 16-input programs: 44 K slices, read by the reduce launch as 16-slice tiles (three of them,
+    the last partial), partial sums and zero counts alike."""
+    x, wt, bias, t = _inputs(batch, 700, 40, torch.float32, 0.5, True, seed=3)
+    out = torch.full((batch, 40), float("nan"), dtype=torch.float32, device=DEVICE)
+    y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=LaunchConfig(32, 16, 0, steps=1), out=out,
+                           count_zeros=True)
+    _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
+    assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
 def test_compact_chunk_must_be_a_power_of_two():
@@ -248,10 +281,11 @@ for dtype in ("bf16", "fp16", "fp32"):
         # What a launch specializes for real shapes: pointers 16-byte aligned, sizes and strides multiples of 16.
         names = sg._sparse_gemv_kernel.arg_names
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n] != "constexpr" and n != "B"}
-        kernel = triton.compile(ASTSource(fn=sg._sparse_gemv_kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                target=target)
-        if not use_dot:  # batch 1 streams the weight rows in 16-byte vector loads
-            assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: batch-1 weight loads not vectorized"
+        for steps in (0, 4):  # the runtime walk and the unrolled steps
+            kernel = triton.compile(ASTSource(fn=sg._sparse_gemv_kernel, signature={**sig, "STEPS": "constexpr"},
+                                              constexprs={**consts, "STEPS": steps}, attrs=attrs), target=target)
+            if not use_dot:  # batch 1 streams the weight rows in 16-byte vector loads
+                assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: batch-1 weight loads not vectorized"
         # the compacted variant: the same arguments plus the packed indices, their counts and a chunk size
         csig = {**{n: t for n, t in sig.items() if n != "k_per_split"}, "idx_ptr": "*i32", "active_ptr": "*i32",
                 "chunks_per_split": "i32", "n_chunks": "i32", "CHUNK": "constexpr"}
@@ -266,7 +300,7 @@ for dtype in ("bf16", "fp16", "fp32"):
         sig = {"x_ptr": p, "t_ptr": "*fp32", "idx_ptr": "*i32", "active_ptr": "*i32", "B": "i32", "K": "i32",
                "stride_xb": "i32", **{k: "constexpr" for k in consts}}
         triton.compile(ASTSource(fn=sg._compact_active_kernel, signature=sig, constexprs=consts), target=target)
-    consts = dict(HAS_BIAS=True, COUNT=True, BLOCK=1024, BLOCK_B=8)
+    consts = dict(HAS_BIAS=True, COUNT=True, BLOCK=256, BLOCK_B=8, BLOCK_S=16)
     sig = {"partial_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "zeros_ptr": "*i64", "counts_ptr": "*i64",
            "B": "i32", "N": "i32", "stride_ob": "i32", "SPLIT_K": "i32", **{k: "constexpr" for k in consts}}
     triton.compile(ASTSource(fn=sg._reduce_partials_kernel, signature=sig, constexprs=consts), target=target)

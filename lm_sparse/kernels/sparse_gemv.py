@@ -121,12 +121,32 @@ def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bia
 
 
 @triton.jit
+def _walk_step(acc, zeros, x, t, offs_k, k_ok, offs_b, b_ok, offs_n, n_ok, wt_ptr, stride_wk,
+               COUNT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One BLOCK_K step of the walking kernel: threshold x in registers, load only the active weight rows (the
+    union over the batch rows with USE_DOT), accumulate. acc: [BLOCK_B, BLOCK_N] (USE_DOT) or [BLOCK_K, BLOCK_N]."""
+    if USE_DOT:
+        xk_ok = b_ok[:, None] & k_ok[None, :]
+        keep = _keep(x, t) & xk_ok
+        active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
+        w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=active[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
+    else:
+        keep = _keep(x, t) & k_ok
+        w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc, zeros = _row_step(acc, zeros, x, keep, k_ok, w, COUNT)
+    return acc, zeros
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, wt_ptr, t_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
     B, K, N, stride_xb, stride_wk, stride_ob, k_per_split,
     T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -136,48 +156,52 @@ def _sparse_gemv_kernel(
     b_ok = offs_b < B
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off
-
+    t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off (then each step loads its slice of t)
     if USE_DOT:
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     else:
-        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
     zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)  # zero entries of the masked x, per row (COUNT)
 
-    # x (and a per-channel t) is loaded one K step ahead: the next step's load is in flight while this step's
-    # weight rows load, so each step waits on one memory round trip (the rows depend on x), not two.
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < k_end
-    x_next = _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT)
-    if T_PER_CHANNEL:
-        t_next = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    if STEPS > 0:
+        # The program's slice is exactly STEPS steps (k_per_split = STEPS * BLOCK_K), unrolled: no step waits on
+        # another, so the x loads of every step and then their weight rows are all in flight at once. Many short
+        # programs, rather than few long ones, is what keeps enough bytes in flight to use the bandwidth.
+        for i in tl.static_range(STEPS):
+            offs_k = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            x = _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT)
+            if T_PER_CHANNEL:
+                t = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
+            else:
+                t = t_scalar
+            acc, zeros = _walk_step(acc, zeros, x, t, offs_k, k_ok, offs_b, b_ok, offs_n, n_ok, wt_ptr, stride_wk,
+                                    COUNT, USE_DOT, DOT_FP32)
+    else:
+        # A runtime walk over a long slice. x (and a per-channel t) is loaded one step ahead: the next step's
+        # load is in flight while this step's weight rows load, so each step waits on one memory round trip.
+        offs_k = k_start + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        x = x_next
-        offs_k_next = offs_k + BLOCK_K
-        k_next_ok = offs_k_next < k_end
-        x_next = _load_x(x_ptr, offs_b, b_ok, offs_k_next, k_next_ok, stride_xb, USE_DOT)
+        x_next = _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT)
         if T_PER_CHANNEL:
-            t = t_next
-            t_next = tl.load(t_ptr + offs_k_next, mask=k_next_ok, other=0.0)
-        else:
-            t = t_scalar
-        if USE_DOT:
-            xk_ok = b_ok[:, None] & k_ok[None, :]
-            keep = _keep(x, t) & xk_ok
-            active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
-            w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-                        mask=active[:, None] & n_ok[None, :], other=0.0)
-            acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
-        else:
-            keep = _keep(x, t) & k_ok
-            w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-                        mask=keep[:, None] & n_ok[None, :], other=0.0)
-            acc2d, zeros = _row_step(acc2d, zeros, x, keep, k_ok, w, COUNT)
+            t_next = tl.load(t_ptr + offs_k, mask=k_ok, other=0.0)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            x = x_next
+            offs_k_next = offs_k + BLOCK_K
+            k_next_ok = offs_k_next < k_end
+            x_next = _load_x(x_ptr, offs_b, b_ok, offs_k_next, k_next_ok, stride_xb, USE_DOT)
+            if T_PER_CHANNEL:
+                t = t_next
+                t_next = tl.load(t_ptr + offs_k_next, mask=k_next_ok, other=0.0)
+            else:
+                t = t_scalar
+            acc, zeros = _walk_step(acc, zeros, x, t, offs_k, k_ok, offs_b, b_ok, offs_n, n_ok, wt_ptr, stride_wk,
+                                    COUNT, USE_DOT, DOT_FP32)
 
     if not USE_DOT:
-        acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
+        acc = tl.sum(acc, axis=0)[None, :]  # BLOCK_B == 1
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
                  zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT)
 
@@ -185,20 +209,29 @@ def _sparse_gemv_kernel(
 @triton.jit
 def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_ptr, B, N, stride_ob, SPLIT_K,
                             HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr,
-                            BLOCK_B: tl.constexpr):
+                            BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Slices are read BLOCK_S at a time as one [BLOCK_S, BLOCK] tile: a split of 64 is 4 memory round trips,
+    # not 64 dependent loads (the summation order is fixed, so the result is deterministic).
+    offs_s = tl.arange(0, BLOCK_S)
     if COUNT:  # the K slices' zero counts, summed here rather than in a launch of their own
         if tl.program_id(0) == 0:
             offs_b = tl.arange(0, BLOCK_B)
             b_ok = offs_b < B
             counts = tl.zeros((BLOCK_B,), dtype=tl.int64)
-            for s in range(0, SPLIT_K):
-                counts += tl.load(zeros_ptr + s * B + offs_b, mask=b_ok, other=0)
+            for s0 in range(0, SPLIT_K, BLOCK_S):
+                s_ok = (s0 + offs_s) < SPLIT_K
+                c = tl.load(zeros_ptr + (s0 + offs_s)[:, None] * B + offs_b[None, :],
+                            mask=s_ok[:, None] & b_ok[None, :], other=0)
+                counts += tl.sum(c, axis=0)
             tl.store(counts_ptr + offs_b, counts, mask=b_ok)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLIT_K):
-        acc += tl.load(partial_ptr + s * B * N + offs, mask=ok, other=0.0)
+    for s0 in range(0, SPLIT_K, BLOCK_S):
+        s_ok = (s0 + offs_s) < SPLIT_K
+        p = tl.load(partial_ptr + (s0 + offs_s)[:, None] * B * N + offs[None, :], mask=s_ok[:, None] & ok[None, :],
+                    other=0.0)
+        acc += tl.sum(p, axis=0)
     n = offs % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
@@ -298,26 +331,45 @@ class LaunchConfig:
     #: two: a first small launch packs the active inputs of each chunk of this many, and the programs step
     #: through those only (`split_k` then counts programs over whole chunks).
     compact_chunk: int = 0
+    #: 0: `split_k` slices, each walked in a runtime loop. N > 0: every program takes exactly N unrolled
+    #: BLOCK_K steps (the split is then cdiv(K, N * BLOCK_K) and `split_k` is ignored).
+    steps: int = 0
+
+
+#: A JSON file of measured launch configurations (`benchmarks/bench_gemv.py --sweep --write-configs`) that
+#: `choose_config` takes before its own rule, for the (batch, in, out) shapes it lists.
+CONFIGS_ENV = "LM_SPARSE_GEMV_CONFIGS"
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def load_config_table(path: str) -> dict[tuple[int, int, int], LaunchConfig]:
+    """{(batch, in_features, out_features): LaunchConfig} from a `--write-configs` file:
+    {"configs": [{"batch": 1, "in": 4096, "out": 14336, "config": {"block_n": 128, ...}}, ...]}."""
+    import json
+
+    try:
+        with open(path) as f:
+            entries = json.load(f)["configs"]
+        return {(int(e["batch"]), int(e["in"]), int(e["out"])): LaunchConfig(**e["config"]) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{CONFIGS_ENV}={path}: not a launch-configuration file written by "
+                         f"bench_gemv.py --write-configs ({type(exc).__name__}: {exc})") from exc
 
 
 def choose_config(batch: int, k: int, n: int, device: torch.device) -> LaunchConfig:
-    """Tiles for `batch` rows of a [K, N] input-major weight: enough programs to fill every SM."""
-    if batch == 1:
-        block_n, block_k = 128, 32
-    else:
-        block_n, block_k = 64, 64
+    """Tiles for `batch` rows of a [K, N] input-major weight: a measured configuration from the file named by
+    LM_SPARSE_GEMV_CONFIGS where it lists this shape, else enough programs to fill every SM."""
+    table = os.environ.get(CONFIGS_ENV)
+    if table and device.type == "cuda" and not interpreting():
+        found = load_config_table(table).get((batch, k, n))
+        if found is not None:
+            return found
     if interpreting() or device.type != "cuda":
-        block_n, block_k, sms = 32, 16, 2
-    else:
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    n_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(4 * sms, n_blocks), triton.cdiv(k, block_k)))
-    return LaunchConfig(block_n, block_k, split)
+        return LaunchConfig(32, 16, 0, steps=2)  # the GPU's unrolled code path, on the interpreter's small tiles
+    # Short unrolled programs, many of them: each program's loads are all in flight at once (see STEPS).
+    if batch == 1:
+        return LaunchConfig(128, 32, 0, num_warps=4, steps=8)
+    return LaunchConfig(64, 64, 0, num_warps=4, steps=4)
 
 
 def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor | None = None,
@@ -343,6 +395,9 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
         n_chunks = triton.cdiv(K, chunk)
         chunks_per_split = triton.cdiv(n_chunks, cfg.split_k)
         split = triton.cdiv(n_chunks, chunks_per_split)
+    elif cfg.steps:
+        k_per_split = cfg.steps * cfg.block_k
+        split = triton.cdiv(K, k_per_split)
     else:
         k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
         split = triton.cdiv(K, k_per_split)
@@ -370,12 +425,13 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
         else:
             _sparse_gemv_kernel[grid](
                 x, wt, threshold, bias_arg, out, partial, zeros,
-                B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split, **flags)
+                B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split, STEPS=cfg.steps, **flags)
         if split > 1:
-            block = 1024
+            block = 256
             _reduce_partials_kernel[(triton.cdiv(B * N, block),)](
                 partial, bias_arg, out, zeros, counts, B, N, out.stride(0), split,
-                HAS_BIAS=bias is not None, COUNT=count_zeros, BLOCK=block, BLOCK_B=MAX_SPARSE_BATCH, num_warps=4,
+                HAS_BIAS=bias is not None, COUNT=count_zeros, BLOCK=block, BLOCK_B=MAX_SPARSE_BATCH,
+                BLOCK_S=min(16, triton.next_power_of_2(split)), num_warps=4,
             )
     if count_zeros:
         return out, (counts if split > 1 else zeros[0])
