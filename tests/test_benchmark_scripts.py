@@ -53,7 +53,9 @@ def test_bench_gemv_smoke_with_sweep_writes_the_configs_choose_config_takes_on_a
     monkeypatch.setattr(sg, "interpreting", lambda: False)
     cuda = torch.device("cuda")
     assert sg.choose_config(1, 96, 80, cuda) == table[(1, 96, 80)]
-    assert sg.choose_config(1, 4096, 4096, cuda) == sg.LaunchConfig(128, 32, 0, num_warps=4, steps=8)
+    # shapes it does not list: the rule (the H200 sweep's batch-1 winners: 8 steps at K = 4096, 16 at K = 14336)
+    assert sg.choose_config(1, 4096, 4096, cuda) == sg.LaunchConfig(64, 32, 0, num_warps=4, steps=8)
+    assert sg.choose_config(1, 14336, 4096, cuda) == sg.LaunchConfig(64, 32, 0, num_warps=4, steps=16)
     monkeypatch.setattr(sg, "interpreting", lambda: True)
     assert sg.choose_config(1, 96, 80, cuda) == sg.LaunchConfig(32, 16, 0, steps=2)
     bad = tmp_path / "bad.json"
@@ -143,7 +145,8 @@ def test_bench_union_smoke(tmp_path):
     assert 0 <= two["union_sparsity"] <= one["union_sparsity"] and two["sites"] == 30
 
 
-def test_gpu_suite_lease_stops_at_its_deadline_with_one_log(tmp_path):
+@pytest.mark.parametrize("plan, first, skipped", [("lease", "env", 6), ("lease-tune", "gemv-b1", 4)])
+def test_gpu_suite_lease_stops_at_its_deadline_with_one_log(tmp_path, plan, first, skipped):
     """`gpu_suite.sh lease` (the one device call of a 15-minute lease): a step still running at the shared
     deadline is stopped with its child processes (lm-eval runs in one), the later steps are skipped, the
     script exits 124, and $OUT holds one log (the device tool brings back at most 8 files)."""
@@ -156,13 +159,13 @@ def test_gpu_suite_lease_stops_at_its_deadline_with_one_log(tmp_path):
     (fake_bin / "python3").chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(out), "LEASE_SECONDS": "21"}
-    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "lease"], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), plan], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 124, proc.stdout + proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["lease.log"]
     log = (out / "lease.log").read_text()
-    assert "== env (limit: 21 s)" in log and "== env: exit 124" in log
-    assert log.count("skipped, the lease's time is spent") == 6
+    assert f"== {first} (limit: 21 s)" in log and f"== {first}: exit 124" in log
+    assert log.count("skipped, the lease's time is spent") == skipped
     assert _stopped(int(child_pid.read_text()))  # the step's child was stopped too
 
 

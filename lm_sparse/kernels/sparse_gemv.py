@@ -5,25 +5,28 @@ input k, contiguous). An inactive input k then skips one contiguous row of wt, s
 reads shrink with the sparsity of x. The module's own `weight` is the view `wt.t()` (see `backend.py`), so
 prefill still runs one cuBLAS GEMM on the same storage and no weight is stored twice.
 
-Kernel: the grid is (output blocks of BLOCK_N, SPLIT_K slices of K). A program walks its K slice in steps
-of BLOCK_K: it loads x for all (up to 8) rows, applies the threshold in registers (no masked copy of x is
-written), takes the union of the rows' active inputs, and loads only those rows of wt. Every weight is read
-at most once per launch, whatever the batch.
+Kernel: the grid is (output blocks of BLOCK_N, slices of K). A program takes its K slice in steps of BLOCK_K:
+it loads x for all (up to 8) rows, applies the threshold in registers (no masked copy of x is written), takes
+the union of the rows' active inputs, and loads only those rows of wt. Every weight is read at most once per
+launch, whatever the batch. What runs on a GPU (`choose_config`) is the unrolled form (`LaunchConfig.steps`):
+every program takes exactly STEPS steps, unrolled, so all of its loads are in flight at once, and there are
+thousands of short programs. (The runtime walk, a few hundred programs of ~26 dependent steps each, made
+TEAL decoding on an H200 0.70-0.96x of dense; the unrolled form 0.82-0.95x: BENCHMARKS.md.)
 
 Accumulation is float32. With SPLIT_K > 1 every slice writes float32 partial sums to its own slot of a
 [SPLIT_K, B, N] buffer and a second small kernel adds them (plus bias) and casts: no atomics at all, so the
 kernel works the same for bfloat16, float16 and float32, and its result is deterministic run to run (the
 greedy-decoding equality tests rely on that). The cost is one extra launch and SPLIT_K * B * N * 4 bytes of
-traffic, under 1% of the weight bytes for the shapes that matter. With SPLIT_K = 1 the first kernel writes y.
-The zero counts of the masked x (for the sparsity report) are written per K slice and summed by the same
-reduce launch, so counting adds no launch.
+traffic (the batch-1 defaults on Llama-3-8B shapes: 16 or 28 slices, written and read again, 0.8-1.6% of the
+dense weight bytes, 8-16% of what is read at s = 0.9). The reduce reads the slices as [16, BLOCK] tiles, so a
+long split is a few round trips, not one dependent load per slice. With a single slice the first kernel
+writes y. The zero counts of the masked x (for the sparsity report) are written per K slice and summed by the
+same reduce launch, so counting adds no launch.
 
-Compacted variant (`LaunchConfig.compact_chunk`, timed by `benchmarks/bench_gemv.py --sweep`; `choose_config`
-does not pick it until a GPU measurement says it wins): the walk above takes K / BLOCK_K dependent steps
-whatever the sparsity, each loading fewer real rows as s grows, so at high s it waits on latency rather than
-bandwidth. A first small launch packs, per chunk of inputs, the indices active in any row (a prefix sum in
-registers); the main kernel then steps through those packed indices only, loading BLOCK_K real rows per step.
-The counts and the split-K reduce are the same.
+Compacted variant (`LaunchConfig.compact_chunk`, in `benchmarks/bench_gemv.py --sweep`'s full grid; not yet
+measured against the unrolled form): a first small launch packs, per chunk of inputs, the indices active in
+any row (a prefix sum in registers); the main kernel then steps through those packed indices only, loading
+BLOCK_K real rows per step. The counts and the split-K reduce are the same.
 
 Batch 1 multiplies and keeps a [BLOCK_K, BLOCK_N] accumulator (one reduction at the end); batch 2..8 pads
 the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows, or above the op's `max_rows`
@@ -367,8 +370,11 @@ def choose_config(batch: int, k: int, n: int, device: torch.device) -> LaunchCon
     if interpreting() or device.type != "cuda":
         return LaunchConfig(32, 16, 0, steps=2)  # the GPU's unrolled code path, on the interpreter's small tiles
     # Short unrolled programs, many of them: each program's loads are all in flight at once (see STEPS).
+    # Batch 1: the fastest of bench_gemv's 24-candidate sweep (s = 0.5 and 0.9 together) on an H200 for every
+    # Llama-3-8B decode shape (BENCHMARKS.md): 64 x 32 tiles, 8 steps a program where K = 4096, 16 where K = 14336.
     if batch == 1:
-        return LaunchConfig(128, 32, 0, num_warps=4, steps=8)
+        return LaunchConfig(64, 32, 0, num_warps=4, steps=16 if k > 8192 else 8)
+    # 2..8 rows (tensor cores): not yet measured in CUDA graphs; bench_gemv --sweep --batches 2,4,8 tunes it.
     return LaunchConfig(64, 64, 0, num_warps=4, steps=4)
 
 
