@@ -71,7 +71,7 @@ def test_sweep_grids_time_the_unrolled_kernel_and_the_full_grid_adds_the_other_v
     import bench_gemv
 
     small1 = bench_gemv.sweep_configs(1, False, "small")
-    assert len(small1) == 24 and all(c.steps and not c.compact_chunk for c in small1)
+    assert len(small1) == 32 and all(c.steps and not c.compact_chunk for c in small1)
     assert {c.steps for c in small1} == {2, 4, 8, 16}
     small4 = bench_gemv.sweep_configs(4, False, "small")
     assert len(small4) == 16 and {c.steps for c in small4} == {1, 2, 4, 8}

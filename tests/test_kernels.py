@@ -79,6 +79,8 @@ def _check(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, wt: torch.Tensor
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
 def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
+    """`choose_config`'s launch (the unrolled form, `steps`, as on a GPU, at the interpreter's small tiles; on a
+    GPU its own tiles) against the float64 reference."""
     k, n = 83, 77  # not multiples of the interpreter tiles (16 x 32)
     for per_channel, bias_on in ((False, True), (True, False)):
         x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 100 + int(sparsity * 10))
@@ -112,37 +114,21 @@ def test_sparse_gemv_tilings(config, batch):
     assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
+@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 2, compact_chunk=32), LaunchConfig(32, 16, 2)],
+                         ids=["compacted", "runtime-walk"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
-def test_compacted_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
-    """The compacted variant (`compact_chunk`) on the main test's odd shape: every dtype, batch, sparsity (all
+def test_other_variants_match_float64_reference(config, dtype, batch, sparsity):
+    """The variants the default (the unrolled form, `steps`) does not run: the compacted one (`compact_chunk`)
+    and the runtime walk over whole K slices, on the main test's odd shape: every dtype, batch, sparsity (all
     inputs active, none active), scalar and per-channel thresholds, with the zero counts."""
     k, n = 83, 77
     for per_channel, bias_on in ((False, True), (True, False)):
         x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 10 + int(sparsity * 10))
         b = bias if bias_on else None
         out = torch.full((batch, n), float("nan"), dtype=dtype, device=DEVICE)
-        y, zeros = sparse_gemv(*_on_device(x, wt, t, b), config=LaunchConfig(32, 16, 2, compact_chunk=32), out=out,
-                               count_zeros=True)
-        _check(y.cpu(), sparse_linear_reference(x, wt, t, b), x, wt, t)
-        assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
-def test_unrolled_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
-    """The unrolled variant (`steps`: every program takes exactly that many BLOCK_K steps, what the GPU runs) on
-    the main test's odd shape: every dtype, batch, sparsity, scalar and per-channel thresholds, with the zero
-    counts."""
-    k, n = 83, 77
-    for per_channel, bias_on in ((False, True), (True, False)):
-        x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 20 + int(sparsity * 10))
-        b = bias if bias_on else None
-        out = torch.full((batch, n), float("nan"), dtype=dtype, device=DEVICE)
-        y, zeros = sparse_gemv(*_on_device(x, wt, t, b), config=LaunchConfig(32, 16, 0, steps=2), out=out,
-                               count_zeros=True)
+        y, zeros = sparse_gemv(*_on_device(x, wt, t, b), config=config, out=out, count_zeros=True)
         _check(y.cpu(), sparse_linear_reference(x, wt, t, b), x, wt, t)
         assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
