@@ -80,6 +80,23 @@ def test_sweep_grids_time_the_unrolled_kernel_and_the_full_grid_adds_the_other_v
     assert any(not c.steps and not c.compact_chunk for c in full1)
 
 
+def test_compiled_teal_decode_step_launches_four_sparse_ops_a_layer_and_no_more_kernels_than_dense(tmp_path):
+    """decode_graph_census.py on one layer: the TEAL step runs q/k/v and gate/up as one fused op each (4
+    lm_sparse ops a layer) and inductor's code launches no more kernels than the dense step's (the CPU proxy
+    for the launches a CUDA graph replays)."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    out = tmp_path / "census.json"
+    _run("decode_graph_census.py", "--layers", "1", "--out", str(out), cwd=tmp_path)
+    rows = {r["setup"]: r for r in json.loads(out.read_text())["rows"]}
+    dense, teal = rows["dense, engine counting"], rows["TEAL 0.5 + kernels, engine counting"]
+    assert teal["lm_sparse ops"] == 4 and dense["lm_sparse ops"] == 0
+    assert dense["library calls"] >= 7  # q, k, v, o, gate, up, down (and the LM head)
+    assert teal["gpu_launches"] <= dense["gpu_launches"] + 1
+
+
 def test_bench_decode_smoke(tmp_path):
     out = tmp_path / "decode.json"
     _run("bench_decode.py", "--smoke", "--levels", "0.3,0.6", "--repeats", "1", "--out", str(out), cwd=tmp_path)
