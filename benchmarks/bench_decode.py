@@ -102,6 +102,24 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: i
     return tps, first
 
 
+def step_profile(model, prompt: torch.Tensor, new_tokens: int, top: int = 30) -> list[dict]:
+    """The `top` kernels of one generation of `new_tokens` tokens (one prefill, then the decode steps) by their
+    total device time: name, calls, microseconds. On a GPU torch.profiler sees each kernel that a CUDA graph
+    replays; elsewhere it lists CPU ops (smoke runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = prompt.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        generate_static(model, prompt, None, new_tokens, None, 0, [-1])
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    return [{"name": e.key[:120], "calls": e.count, "us": getattr(e, key)} for e in events[:top]
+            if getattr(e, key) > 0]
+
+
 def compiled_frames() -> int:
     """Frames dynamo has compiled so far in this process."""
     return int(torch._dynamo.utils.counters["frames"].get("ok", 0))
@@ -116,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-count", action="store_true",
                         help="pause the engine's sparsity counting (the product path alone; sparse-hf counts)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="also profile this many decode steps of the dense row and of the first sparse level "
+                             "(torch.profiler: each kernel's calls and device time, in the row's `profile`)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -159,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                    decode_paths=sorted({p["decode"] for p in report["execution"].values()}))
         if rows:  # a sparse level, after the dense row
             row.update(speedup=row["tokens_per_s"] / rows[0]["tokens_per_s"], fused_qkv=_qkv_fused(engine))
+        if args.profile_steps and len(rows) < 2:  # dense and the first sparse level: where the step's time goes
+            with engine.attached(), counting():
+                row["profile"] = step_profile(model, prompt, args.profile_steps)
+            for k in row["profile"][:12]:
+                print(f"  {row['mode']} {row['level']}: {k['us']:10.1f} us {k['calls']:6d} x {k['name']}",
+                      file=sys.stderr)
         rows.append(row)
         save(before)
 

@@ -121,7 +121,7 @@ for step in "${STEPS[@]}"; do
     decode)
       setup
       run_step decode "$cap" python3 benchmarks/bench_decode.py --levels "${DECODE_LEVELS:-0.25,0.4,0.5,0.7}" \
-        --out "$OUT/bench_decode.json" ;;
+        --profile-steps 32 --out "$OUT/bench_decode.json" ;;
     gemv-b1)
       setup
       run_step gemv-b1 "$cap" python3 benchmarks/bench_gemv.py --sweep --sweep-grid small --batches 1 \
@@ -135,7 +135,7 @@ for step in "${STEPS[@]}"; do
       setup
       if [ -s "$OUT/gemv_configs.json" ]; then export LM_SPARSE_GEMV_CONFIGS=$OUT/gemv_configs.json; fi
       run_step decode-tuned "$cap" python3 benchmarks/bench_decode.py --levels "${DECODE_LEVELS:-0.25,0.4,0.5,0.7}" \
-        --repeats 2 --out "$OUT/bench_decode_tuned.json"
+        --repeats 2 --profile-steps 32 --out "$OUT/bench_decode_tuned.json"
       unset LM_SPARSE_GEMV_CONFIGS ;;
     prefill)
       setup

@@ -99,8 +99,12 @@ def test_compiled_teal_decode_step_launches_four_sparse_ops_a_layer_and_no_more_
 
 def test_bench_decode_smoke(tmp_path):
     out = tmp_path / "decode.json"
-    _run("bench_decode.py", "--smoke", "--levels", "0.3,0.6", "--repeats", "1", "--out", str(out), cwd=tmp_path)
+    _run("bench_decode.py", "--smoke", "--levels", "0.3,0.6", "--repeats", "1", "--profile-steps", "2",
+         "--out", str(out), cwd=tmp_path)
     rows = json.loads(out.read_text())["rows"]
+    # --profile-steps: the dense row and the first sparse level carry where the time went, the others not
+    assert [bool(r.get("profile")) for r in rows] == [True, True, False]
+    assert all(p["calls"] > 0 and p["us"] > 0 for p in rows[1]["profile"])
     assert [(r["mode"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.3), ("teal", 0.6)]
     assert all(r["tokens_per_s"] > 0 and r["first_run_s"] > 0 for r in rows)
     # each level decodes with its own thresholds (the prompt's quantiles: near the level on a random model)
