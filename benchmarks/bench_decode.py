@@ -181,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if rows:  # a sparse level, after the dense row
             row.update(speedup=row["tokens_per_s"] / rows[0]["tokens_per_s"], fused_qkv=_qkv_fused(engine))
         if args.profile_steps and len(rows) < 2:  # dense and the first sparse level: where the step's time goes
-            with engine.attached(), counting():
-                row["profile"] = step_profile(model, prompt, args.profile_steps)
+            try:  # a profiler that fails under CUDA graphs must not cost the measured row
+                with engine.attached(), counting():
+                    row["profile"] = step_profile(model, prompt, args.profile_steps)
+            except Exception as exc:  # noqa: BLE001
+                row["profile"], row["profile_error"] = [], f"{type(exc).__name__}: {exc}"
+                print(f"bench_decode: profiling failed: {row['profile_error']}", file=sys.stderr)
             for k in row["profile"][:12]:
                 print(f"  {row['mode']} {row['level']}: {k['us']:10.1f} us {k['calls']:6d} x {k['name']}",
                       file=sys.stderr)
