@@ -9,8 +9,8 @@ use once the kernels are attached), and the ideal 1/(1-s). The device's copy ban
 same run.
 
 Timing (GPU): one CUDA graph of R back-to-back calls, each on its own copy of the weight and its own input
-(R copies hold at least 4x the L2 cache at the sparse bytes, so no call finds its rows in L2), replayed;
-the median replay over R. This is how a compiled decode step runs them: no Python or launch overhead
+(R copies hold 4x the L2 cache at the bytes read, up to 64 copies, so that calls do not find their rows in
+L2), replayed; the median replay over R. This is how a compiled decode step runs them: no Python or launch overhead
 between kernels, and no kernel reads weights the previous one left in L2. (`do_bench` times each call from
 Python: for a kernel of tens of microseconds it measures the launch path, not the kernel.)
 
@@ -142,7 +142,7 @@ def sweep_configs(batch: int, smoke: bool, grid: str = "full") -> list[LaunchCon
         return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32),
                 LaunchConfig(32, 16, 0, steps=2), LaunchConfig(16, 16, 0, steps=4)]
     if batch == 1:  # (block_n, block_k, warps): the [BLOCK_K, BLOCK_N] float32 accumulator stays <= 64 registers.
-        # The H200's winner was 64 x 32 x 4 warps on every shape (128 x 32 was 1.3x slower): narrower, smaller
+        # The H200's winner was 64 x 32 x 4 warps on every shape (128 x 32 was 1.25-1.5x slower): narrower, smaller
         # programs are in the grid for the next sweep.
         tiles = [(64, 32, 4), (128, 16, 4), (128, 32, 4), (128, 64, 8), (256, 32, 4), (256, 16, 4), (32, 32, 4),
                  (64, 32, 2)]

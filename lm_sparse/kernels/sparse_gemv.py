@@ -360,8 +360,9 @@ def load_config_table(path: str) -> dict[tuple[int, int, int], LaunchConfig]:
 
 
 def choose_config(batch: int, k: int, n: int, device: torch.device) -> LaunchConfig:
-    """Tiles for `batch` rows of a [K, N] input-major weight: a measured configuration from the file named by
-    LM_SPARSE_GEMV_CONFIGS where it lists this shape, else enough programs to fill every SM."""
+    """The launch for `batch` rows of a [K, N] input-major weight: on CUDA, the configuration the file named by
+    LM_SPARSE_GEMV_CONFIGS lists for this shape, else the unrolled kernel at tiles measured on an H200; under
+    the interpreter, the unrolled kernel at small tiles."""
     table = os.environ.get(CONFIGS_ENV)
     if table and device.type == "cuda" and not interpreting():
         found = load_config_table(table).get((batch, k, n))
