@@ -202,8 +202,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         n_copies = 2 if args.smoke else copies_for(max(densest_sparse, 0.01) * k * n * elt, l2, available)
         wts = [torch.randn(k, n, device=device, dtype=dtype) / k**0.5 for _ in range(n_copies)]
         weights = [wt.t().contiguous() for wt in wts]  # cuBLAS baseline: the ordinary [out, in] layout
+
+        def copies(density: float) -> int:
+            """Copies a measurement at this weight density cycles through (2 in smoke runs)."""
+            return 2 if args.smoke else copies_for(density * k * n * elt, l2, n_copies)
+
         for batch in batches:
-            r_dense = 2 if args.smoke else copies_for(k * n * elt, l2, n_copies)
+            r_dense = copies(1.0)
             xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(r_dense)]
             t_dense = graph_seconds([functools.partial(F.linear, x, w) for x, w in zip(xs, weights)], device)
             t_dense_im = graph_seconds([functools.partial(F.linear, x, wt.t()) for x, wt in zip(xs, wts)], device)
@@ -212,7 +217,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.sweep:  # the candidate fastest over the sweep sparsities together
                 totals: dict[LaunchConfig, float] = {}
                 for s_sweep in SWEEP_SPARSITIES:
-                    count = 2 if args.smoke else copies_for((1 - s_sweep) * k * n * elt, l2, n_copies)
+                    count = copies(1 - s_sweep)
                     sets = rotated_inputs(batch, k, s_sweep, dtype, device, count)
                     for c in dict.fromkeys([default] + sweep_configs(batch, args.smoke, args.sweep_grid)):
                         totals[c] = totals.get(c, 0.0) + kernel_seconds(wts[:count], sets, c, device)
@@ -222,7 +227,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if args.write_configs:
                     write_results(args.write_configs, meta, [], configs=tuned)
             for s in sparsities:
-                count = 2 if args.smoke else copies_for(max(1 - s, 0.01) * k * n * elt, l2, n_copies)
+                count = copies(max(1 - s, 0.01))
                 sets = rotated_inputs(batch, k, s, dtype, device, count)
                 t_default = kernel_seconds(wts[:count], sets, default, device)
                 t_best = t_default if best == default else kernel_seconds(wts[:count], sets, best, device)

@@ -130,7 +130,8 @@ for step in "${STEPS[@]}"; do
     gemv-batch)
       setup
       run_step gemv-batch "$cap" python3 benchmarks/bench_gemv.py --sweep --sweep-grid small --batches 2,4,8 \
-        --shapes 8b-upgate,8b-down --out "$OUT/bench_gemv_batch.json" --write-configs "$OUT/gemv_configs_batch.json" ;;
+        --shapes 8b-upgate,8b-down --out "$OUT/bench_gemv_batch.json" \
+        --write-configs "$OUT/gemv_configs_batch.json" ;;
     decode-tuned)
       setup
       if [ -s "$OUT/gemv_configs.json" ]; then export LM_SPARSE_GEMV_CONFIGS=$OUT/gemv_configs.json; fi

@@ -106,9 +106,13 @@ def _row_step(acc2d, zeros, x, keep, ok, w, COUNT: tl.constexpr):
 
 @triton.jit
 def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr):
-    """A program's [BLOCK_B, BLOCK_N] float32 sums of its K slice: into the slice's partial slot, or (no
-    split) plus bias into y; and, from the first column block, the slice's zero counts per row."""
+                 zeros_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
+                 USE_DOT: tl.constexpr):
+    """A program's float32 sums of its K slice ([BLOCK_B, BLOCK_N] with USE_DOT; batch 1's [BLOCK_K, BLOCK_N]
+    accumulator is reduced over K here, once): into the slice's partial slot, or (no split) plus bias into y;
+    and, from the first column block, the slice's zero counts per row."""
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=0)[None, :]  # BLOCK_B == 1
     out_mask = b_ok[:, None] & n_ok[None, :]
     if COUNT:  # every column block sees the same x: the first one writes this K slice's counts
         if pid_n == 0:
@@ -163,7 +167,7 @@ def _sparse_gemv_kernel(
     if USE_DOT:
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, in _store_slice
     zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)  # zero entries of the masked x, per row (COUNT)
 
     if STEPS > 0:
@@ -203,10 +207,8 @@ def _sparse_gemv_kernel(
             acc, zeros = _walk_step(acc, zeros, x, t, offs_k, k_ok, offs_b, b_ok, offs_n, n_ok, wt_ptr, stride_wk,
                                     COUNT, USE_DOT, DOT_FP32)
 
-    if not USE_DOT:
-        acc = tl.sum(acc, axis=0)[None, :]  # BLOCK_B == 1
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT)
+                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
 
 
 @triton.jit
@@ -284,7 +286,7 @@ def _sparse_gemv_compact_kernel(
     if USE_DOT:
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     else:
-        acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, in _store_slice
     zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
@@ -310,11 +312,9 @@ def _sparse_gemv_compact_kernel(
             else:
                 x = tl.load(x_ptr + k_idx, mask=j_ok, other=0.0)
                 keep = _keep(x, t) & j_ok
-                acc2d, zeros = _row_step(acc2d, zeros, x, keep, j_ok, w, COUNT)
-    if not USE_DOT:
-        acc = tl.sum(acc2d, axis=0)[None, :]  # BLOCK_B == 1
+                acc, zeros = _row_step(acc, zeros, x, keep, j_ok, w, COUNT)
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT)
+                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
 
 
 def launch_device(t: torch.Tensor):
@@ -363,13 +363,13 @@ def choose_config(batch: int, k: int, n: int, device: torch.device) -> LaunchCon
     """The launch for `batch` rows of a [K, N] input-major weight: on CUDA, the configuration the file named by
     LM_SPARSE_GEMV_CONFIGS lists for this shape, else the unrolled kernel at tiles measured on an H200; under
     the interpreter, the unrolled kernel at small tiles."""
+    if interpreting() or device.type != "cuda":
+        return LaunchConfig(32, 16, 0, steps=2)  # the GPU's unrolled code path, on the interpreter's small tiles
     table = os.environ.get(CONFIGS_ENV)
-    if table and device.type == "cuda" and not interpreting():
+    if table:
         found = load_config_table(table).get((batch, k, n))
         if found is not None:
             return found
-    if interpreting() or device.type != "cuda":
-        return LaunchConfig(32, 16, 0, steps=2)  # the GPU's unrolled code path, on the interpreter's small tiles
     # Short unrolled programs, many of them: each program's loads are all in flight at once (see STEPS).
     # Batch 1: the fastest of bench_gemv's 24-candidate sweep (s = 0.5 and 0.9 together) on an H200 for every
     # Llama-3-8B decode shape (BENCHMARKS.md): 64 x 32 tiles, 8 steps a program where K = 4096, 16 where K = 14336.
