@@ -16,9 +16,11 @@ Python: for a kernel of tens of microseconds it measures the launch path, not th
 
 Every timed configuration's output is also checked against the float64 reference of the masked product on a
 fresh input, into a NaN-poisoned output (`rel_error`; the script exits 1 after writing its results if one is
-over its dtype's tolerance), and the JSON is rewritten after every row, so a run cut off by a time limit keeps
-what it measured. `--write-configs` writes each (batch, shape)'s best configuration in the format
-`LM_SPARSE_GEMV_CONFIGS` reads (`choose_config` then uses it). Prints a Markdown table and writes JSON.
+over its dtype's tolerance; a sweep candidate that fails the check is not timed, never wins, and is listed in
+its tuning record as "rejected", with the same exit status), and the JSON is rewritten after every row, so a
+run cut off by a time limit keeps what it measured. `--write-configs` writes each (batch, shape)'s best
+configuration in the format `LM_SPARSE_GEMV_CONFIGS` reads (`choose_config` then uses it).
+Prints a Markdown table and writes JSON.
 
     python benchmarks/bench_gemv.py --out bench_gemv.json           # GPU: Llama-3-8B and 70B shapes, bf16
     python benchmarks/bench_gemv.py --sweep --out bench_gemv.json   # GPU: also the fastest tiling
@@ -134,13 +136,21 @@ def copies_for(read_bytes: float, l2_bytes: int, available: int) -> int:
     return max(1, min(available, max(MIN_COPIES, -(-4 * l2_bytes // max(1, int(read_bytes))))))
 
 
-def sweep_configs(batch: int, smoke: bool, grid: str = "full") -> list[LaunchConfig]:
-    """`--sweep`'s candidates: the unrolled kernel (`steps`) over tiles and steps a program, plus (grid "full")
-    the runtime walk over whole K slices and the compacted variant. "small" is the unrolled ones alone (32 at
-    batch 1, 16 above), for a short device lease."""
+def gather_programs(k: int, batch: int, sparsity: float, steps: int, block_k: int) -> int:
+    """Programs per column block that give every slice of the gathered form's packed list its own program when
+    each of `batch` rows keeps 1 - sparsity of its k inputs (the union keeps 1 - sparsity ** batch)."""
+    return max(1, -(-round(k * (1 - sparsity**batch)) // (steps * block_k)))
+
+
+def sweep_configs(batch: int, smoke: bool, grid: str = "full", k: int = 4096) -> list[LaunchConfig]:
+    """`--sweep`'s candidates: the unrolled kernel (`steps`) over tiles and steps a program, and the gathered form
+    (programs sized for each sweep sparsity), plus (grid "full") the runtime walk over whole K slices and the
+    compacted variant. "small" is the unrolled and gathered ones alone (44 at batch 1, 28 above), for a short
+    device lease."""
     if smoke:
         return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32),
-                LaunchConfig(32, 16, 0, steps=2), LaunchConfig(16, 16, 0, steps=4)]
+                LaunchConfig(32, 16, 0, steps=2), LaunchConfig(16, 16, 0, steps=4),
+                LaunchConfig(32, 16, 2, steps=2, gather=True)]
     if batch == 1:  # (block_n, block_k, warps): the [BLOCK_K, BLOCK_N] float32 accumulator stays <= 64 registers.
         # The H200's winner was 64 x 32 x 4 warps on every shape (128 x 32 was 1.25-1.5x slower): narrower, smaller
         # programs are in the grid for the next sweep.
@@ -151,6 +161,10 @@ def sweep_configs(batch: int, smoke: bool, grid: str = "full") -> list[LaunchCon
         tiles = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (128, 32, 8)]
         steps = (1, 2, 4, 8)
     configs = [LaunchConfig(bn, bk, 0, w, steps=st) for bn, bk, w in tiles for st in steps]
+    # The gathered form: programs walk the packed list of active inputs, so at high sparsity far fewer of them
+    # run than the unrolled kernel's one per K slice (its floor: BENCHMARKS.md).
+    configs += [LaunchConfig(bn, bk, gather_programs(k, batch, s, st, bk), w, steps=st, gather=True)
+                for bn, bk, w in tiles[:3] for st in (4, 8) for s in SWEEP_SPARSITIES]
     if grid == "full":
         for bn, bk, w in tiles:
             configs += [LaunchConfig(bn, bk, split, w) for split in (4, 8, 16)]
@@ -175,7 +189,8 @@ def kernel_seconds(wts: list[torch.Tensor], sets: list, config: LaunchConfig, de
                           for wt, (x, t) in zip(wts, sets)], device)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The rows (one per shape, batch and sparsity) and, with --sweep, each (shape, batch)'s tuning record."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     table = SMOKE_SHAPES if args.smoke else SHAPES
@@ -216,14 +231,30 @@ def run(args: argparse.Namespace) -> list[dict]:
             best = default
             if args.sweep:  # the candidate fastest over the sweep sparsities together
                 totals: dict[LaunchConfig, float] = {}
+                at: dict[str, dict] = {}  # each sweep sparsity's own fastest, beside the winner over both
+                candidates = list(dict.fromkeys([default] + sweep_configs(batch, args.smoke, args.sweep_grid, k)))
+                # A wrong result is never a winner (nor written to --write-configs): each candidate is checked
+                # against the float64 reference at every sweep sparsity first; the default is kept either way,
+                # so its rows show the failure.
+                rejected = [c for c in candidates if c != default and not all(
+                    relative_error(wts[0], batch, s_check, c) <= TOLERANCE[dtype] for s_check in SWEEP_SPARSITIES)]
+                candidates = [c for c in candidates if c not in rejected]
+                for c in rejected:
+                    print(f"bench_gemv: WRONG OUTPUT from sweep candidate {c} on {name} batch {batch}: not timed",
+                          file=sys.stderr)
                 for s_sweep in SWEEP_SPARSITIES:
                     count = copies(1 - s_sweep)
                     sets = rotated_inputs(batch, k, s_sweep, dtype, device, count)
-                    for c in dict.fromkeys([default] + sweep_configs(batch, args.smoke, args.sweep_grid)):
-                        totals[c] = totals.get(c, 0.0) + kernel_seconds(wts[:count], sets, c, device)
+                    times = {c: kernel_seconds(wts[:count], sets, c, device) for c in candidates}
+                    for c, seconds in times.items():
+                        totals[c] = totals.get(c, 0.0) + seconds
+                    fastest = min(times, key=times.__getitem__)
+                    at[str(s_sweep)] = {"config": dataclasses.asdict(fastest), "us": times[fastest] * 1e6,
+                                        "default_us": times[default] * 1e6}
                 best = min(totals, key=totals.__getitem__)
                 tuned.append({"shape": name, "batch": batch, "in": k, "out": n, "config": dataclasses.asdict(best),
-                              "sweep_us": totals[best] * 1e6, "default_sweep_us": totals[default] * 1e6})
+                              "sweep_us": totals[best] * 1e6, "default_sweep_us": totals[default] * 1e6,
+                              "fastest_at": at, "rejected": [dataclasses.asdict(c) for c in rejected]})
                 if args.write_configs:
                     write_results(args.write_configs, meta, [], configs=tuned)
             for s in sparsities:
@@ -249,7 +280,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                       f"dense {t_dense * 1e6:.1f} us), rel. error {error:.1e}", file=sys.stderr)
         del wts, weights
     print_table(rows, meta)
-    return rows
+    return rows, tuned
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
@@ -257,7 +288,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
           f"device copy bandwidth {meta['copy_bandwidth_gb_per_s']:.0f} GB/s; timing: {meta['timing']}\n")
     print("| shape (in x out) | batch | sparsity | union density | cuBLAS us | cuBLAS on W^T view us "
           "| default tiles us | best us | MB read | GB/s (best) | speedup (best) | speedup (default) | ideal "
-          "| best tiles (N, K, split, warps, compact chunk, steps) | rel. error |")
+          "| best tiles (N, K, split, warps, steps, variant) | rel. error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["config"]
@@ -265,9 +296,17 @@ def print_table(rows: list[dict], meta: dict) -> None:
               f"{r['dense_us']:.1f} | {r['dense_input_major_us']:.1f} | {r['default_us']:.1f} | "
               f"{r['sparse_us']:.1f} | {r['bytes_read'] / 1e6:.1f} | {r['gb_per_s']:.0f} | "
               f"{r['speedup']:.2f}x | {r['speedup_default']:.2f}x | {r['ideal']:.2f}x | "
-              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']}, {c['compact_chunk'] or '-'}, "
-              f"{c['steps'] or '-'} | "
-              f"{r['rel_error']:.1e} |")
+              f"{c['block_n']}, {c['block_k']}, {c['split_k']}, {c['num_warps']}, {c['steps'] or '-'}, "
+              f"{variant(c)} | {r['rel_error']:.1e} |")
+
+
+def variant(config: dict) -> str:
+    """The kernel a configuration runs, in words."""
+    if config.get("gather"):
+        return "gathered"
+    if config["compact_chunk"]:
+        return f"compacted ({config['compact_chunk']})"
+    return "unrolled" if config["steps"] else "runtime walk"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,13 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--smoke is required without a CUDA device")
     if args.write_configs and not args.sweep:
         parser.error("--write-configs needs --sweep (it writes the sweep's winners)")
-    rows = run(args)
+    rows, tuned = run(args)
     tolerance = TOLERANCE[DTYPES[args.dtype]]
     wrong = [r for r in rows if not r["rel_error"] <= tolerance]  # NaN fails too
     for r in wrong:
         print(f"bench_gemv: WRONG OUTPUT {r['shape']} batch {r['batch']} sparsity {r['sparsity']}: relative "
               f"error {r['rel_error']:.2e} > {tolerance:.0e}", file=sys.stderr)
-    return 1 if wrong else 0
+    return 1 if wrong or any(t["rejected"] for t in tuned) else 0
 
 
 if __name__ == "__main__":

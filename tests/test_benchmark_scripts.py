@@ -6,6 +6,7 @@ a script broken. Each writes its JSON; the checks read its structure, not its nu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,17 +65,58 @@ def test_bench_gemv_smoke_with_sweep_writes_the_configs_choose_config_takes_on_a
         sg.load_config_table(str(bad))
 
 
-def test_sweep_grids_time_the_unrolled_kernel_and_the_full_grid_adds_the_other_variants(monkeypatch):
-    """`--sweep-grid small` (the lease's sweep) is the unrolled kernel over tiles and steps; the full grid adds
-    the runtime walk and the compacted variant over the same tiles."""
+def test_kernel_resources_reads_registers_from_the_sm90_cubin(tmp_path, monkeypatch):
+    """kernel_resources.py compiles a candidate and the packing launch for sm_90 (no GPU) and reads their
+    registers back; occupancy follows the H100's per-SM limits."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import kernel_resources
+
+    assert kernel_resources.programs_per_sm(32, 4) == 16  # threads bound: 2048 / 128
+    assert kernel_resources.programs_per_sm(153, 4) == 3  # 160 registers a thread (whole 256-register units a warp)
+    assert kernel_resources.programs_per_sm(255, 8) == 1
+    out = tmp_path / "resources.json"
+    _run("kernel_resources.py", "--batches", "1", "--limit", "1", "--out", str(out), cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["unrolled", "pack (K = 14336)"]
+    assert all(16 <= r["registers"] <= 255 and 1 <= r["programs_per_sm"] <= 16 for r in rows)
+
+
+def test_a_sweep_candidate_with_a_wrong_result_never_wins(tmp_path, monkeypatch):
+    """The fastest candidate whose output fails the float64 check is not timed, not written as a tuned
+    configuration, and makes the script exit 1 (timing and checking stubbed: no kernel runs)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_gemv
 
-    small1 = bench_gemv.sweep_configs(1, False, "small")
-    assert len(small1) == 32 and all(c.steps and not c.compact_chunk for c in small1)
-    assert {c.steps for c in small1} == {2, 4, 8, 16}
-    small4 = bench_gemv.sweep_configs(4, False, "small")
-    assert len(small4) == 16 and {c.steps for c in small4} == {1, 2, 4, 8}
+    wrong, right = bench_gemv.LaunchConfig(16, 16, 0, steps=1), bench_gemv.LaunchConfig(16, 16, 0, steps=2)
+    monkeypatch.setattr(bench_gemv, "sweep_configs", lambda *a: [wrong, right])
+    monkeypatch.setattr(bench_gemv, "relative_error", lambda wt, b, s, c: float("nan") if c == wrong else 1e-3)
+    monkeypatch.setattr(bench_gemv, "kernel_seconds", lambda wts, sets, c, d: 1e-6 if c == wrong else 5e-6)
+    configs = tmp_path / "configs.json"
+    status = bench_gemv.main(["--smoke", "--sweep", "--out", str(tmp_path / "gemv.json"),
+                              "--write-configs", str(configs)])
+    assert status == 1
+    entries = json.loads(configs.read_text())["configs"]
+    assert entries and all(e["config"] != dataclasses.asdict(wrong) for e in entries)
+    assert all(e["rejected"] == [dataclasses.asdict(wrong)] for e in entries)
+
+
+def test_sweep_grids_time_the_unrolled_and_gathered_kernels_and_the_full_grid_adds_the_other_variants(monkeypatch):
+    """`--sweep-grid small` (the lease's sweep) is the unrolled kernel over tiles and steps plus the gathered form
+    with programs sized for each sweep sparsity; the full grid adds the runtime walk and the compacted variant
+    over the same tiles."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_gemv
+
+    small1 = bench_gemv.sweep_configs(1, False, "small", k=4096)
+    assert len(small1) == 44 and all(c.steps and not c.compact_chunk for c in small1)
+    unrolled = [c for c in small1 if not c.gather]
+    assert len(unrolled) == 32 and {c.steps for c in unrolled} == {2, 4, 8, 16}
+    # batch 1 at s = 0.5 and 0.9 keeps 2048 and 410 of 4096 inputs: one 4 x 32-input slice per program
+    assert {c.split_k for c in small1 if c.gather and c.steps == 4 and c.block_k == 32} == {16, 4}
+    small4 = bench_gemv.sweep_configs(4, False, "small", k=4096)
+    assert len(small4) == 28 and {c.steps for c in small4 if not c.gather} == {1, 2, 4, 8}
+    # four rows' union: 1 - 0.5**4 and 1 - 0.9**4 of the inputs
+    assert {c.split_k for c in small4 if c.gather and c.steps == 4 and c.block_k == 64} == {15, 6}
     full1 = bench_gemv.sweep_configs(1, False)
     assert set(small1) < set(full1) and any(c.compact_chunk for c in full1)
     assert any(not c.steps and not c.compact_chunk for c in full1)

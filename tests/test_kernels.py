@@ -97,16 +97,21 @@ def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
                                     LaunchConfig(32, 16, 1, compact_chunk=32),
                                     LaunchConfig(16, 16, 2, compact_chunk=16),
                                     LaunchConfig(64, 32, 8, compact_chunk=32),
-                                    LaunchConfig(32, 16, 0, steps=2), LaunchConfig(64, 32, 0, steps=4)],
+                                    LaunchConfig(32, 16, 0, steps=2), LaunchConfig(64, 32, 0, steps=4),
+                                    LaunchConfig(32, 16, 1, steps=1, gather=True),
+                                    LaunchConfig(32, 16, 3, steps=1, gather=True),
+                                    LaunchConfig(16, 8, 64, steps=2, gather=True)],
                          ids=["direct", "split3", "split8", "compact", "compact-split2", "compact-split-all",
-                              "steps2", "steps4-direct"])
+                              "steps2", "steps4-direct", "gather-one-program", "gather-3", "gather-every-slice"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sparse_gemv_tilings(config, batch):
     """Direct write (no split) and split-K with a partial reduce give the same float64-close result and the
     same zero counts (summed by the reduce launch, or written directly without a split); so does the compacted
     variant, whose steps follow the packed active inputs of 16- or 32-input chunks (101 inputs: a partial last
     chunk; split-all: more splits asked for than there are chunks); so does the unrolled variant (`steps`: 4
-    programs of 2 x 16 inputs, the last one partial; or one program of 4 x 32 inputs, writing y directly)."""
+    programs of 2 x 16 inputs, the last one partial; or one program of 4 x 32 inputs, writing y directly); and
+    the gathered one over the packed list (one program looping over every slice and writing y; three sharing
+    the slices; more programs asked for than K could fill, most of them with no slice)."""
     x, wt, bias, t = _inputs(batch, 101, 45, torch.bfloat16, 0.5, True, seed=7)
     out = torch.full((batch, 45), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out, count_zeros=True)
@@ -114,15 +119,17 @@ def test_sparse_gemv_tilings(config, batch):
     assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 2, compact_chunk=32), LaunchConfig(32, 16, 2)],
-                         ids=["compacted", "runtime-walk"])
+@pytest.mark.parametrize("config", [LaunchConfig(32, 16, 2, compact_chunk=32), LaunchConfig(32, 16, 2),
+                                    LaunchConfig(32, 16, 2, steps=2, gather=True)],
+                         ids=["compacted", "runtime-walk", "gathered"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
 def test_other_variants_match_float64_reference(config, dtype, batch, sparsity):
-    """The variants the default (the unrolled form, `steps`) does not run: the compacted one (`compact_chunk`)
-    and the runtime walk over whole K slices, on the main test's odd shape: every dtype, batch, sparsity (all
-    inputs active, none active), scalar and per-channel thresholds, with the zero counts."""
+    """The variants the default (the unrolled form, `steps`) does not run: the compacted one (`compact_chunk`),
+    the gathered one (`gather`) and the runtime walk over whole K slices, on the main test's odd shape: every
+    dtype, batch, sparsity (all inputs active, none active), scalar and per-channel thresholds, with the zero
+    counts."""
     k, n = 83, 77
     for per_channel, bias_on in ((False, True), (True, False)):
         x, wt, bias, t = _inputs(batch, k, n, dtype, sparsity, per_channel, seed=batch * 10 + int(sparsity * 10))
@@ -145,10 +152,34 @@ def test_reduce_sums_more_slices_than_one_tile(batch):
     assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
-def test_compact_chunk_must_be_a_power_of_two():
+@pytest.mark.parametrize("per_channel", [False, True], ids=["scalar", "channel"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gathered_form_packs_more_inputs_than_one_tile(batch, per_channel):
+    """2500 inputs: the packing launch takes three PACK_TILE steps, each placing its active inputs after the
+    previous ones'; two programs per column block share the packed list's 64-input slices (a loop of about
+    twenty each at this sparsity)."""
+    from lm_sparse.kernels.sparse_gemv import PACK_TILE
+
+    k = 2500
+    assert 2 * PACK_TILE < k <= 3 * PACK_TILE
+    x, wt, bias, t = _inputs(batch, k, 20, torch.float32, 0.5, per_channel, seed=11)
+    out = torch.full((batch, 20), float("nan"), dtype=torch.float32, device=DEVICE)
+    y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=LaunchConfig(32, 16, 2, steps=4, gather=True),
+                           out=out, count_zeros=True)
+    _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
+    assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+
+
+@pytest.mark.parametrize("config, message", [
+    (LaunchConfig(32, 16, 1, compact_chunk=24), "compact_chunk=24 is not a power of two"),
+    (LaunchConfig(32, 16, 1, gather=True), "gather needs steps >= 1"),
+    (LaunchConfig(32, 16, 0, steps=2, gather=True), "gather needs steps >= 1, split_k >= 1"),
+    (LaunchConfig(32, 16, 1, compact_chunk=32, steps=2, gather=True), "and no compact_chunk"),
+], ids=["compact-chunk", "gather-without-steps", "gather-without-programs", "gather-and-compact"])
+def test_bad_launch_configs_fail_with_one_line(config, message):
     x, wt, _, t = _inputs(1, 40, 24, torch.float32, 0.5, False, seed=1)
-    with pytest.raises(ValueError, match="compact_chunk=24 is not a power of two"):
-        sparse_gemv(*_on_device(x, wt, t), config=LaunchConfig(32, 16, 1, compact_chunk=24))
+    with pytest.raises(ValueError, match=message):
+        sparse_gemv(*_on_device(x, wt, t), config=config)
 
 
 def test_threshold_semantics_match_engine_rule():
@@ -282,6 +313,20 @@ for dtype in ("bf16", "fp16", "fp32"):
                                           constexprs={**consts, "CHUNK": 512}, attrs=cattrs), target=target)
         if not use_dot:  # the gathered weight rows load in 16-byte vectors too
             assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: compacted batch-1 weight loads not vectorized"
+        # the gathered variant: one packed list of all of K, unrolled steps, programs sharing its slices
+        gsig = {**{n: t for n, t in sig.items() if n != "k_per_split"}, "idx_ptr": "*i32", "count_ptr": "*i32",
+                "programs_k": "i32", "STEPS": "constexpr"}
+        gnames = sg._sparse_gemv_gather_kernel.arg_names
+        gattrs = {(gnames.index(n),): [["tt.divisibility", 16]] for n in gsig
+                  if gsig[n] != "constexpr" and n not in ("B", "programs_k", "count_ptr")}
+        kernel = triton.compile(ASTSource(fn=sg._sparse_gemv_gather_kernel, signature=gsig,
+                                          constexprs={**consts, "STEPS": 4}, attrs=gattrs), target=target)
+        if not use_dot:
+            assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: gathered batch-1 weight loads not vectorized"
+        pconsts = dict(T_PER_CHANNEL=use_dot, BLOCK_B=8 if use_dot else 1, TILE=1024, TILES=14)
+        psig = {"x_ptr": p, "t_ptr": "*fp32", "idx_ptr": "*i32", "count_ptr": "*i32", "B": "i32", "K": "i32",
+                "stride_xb": "i32", **{k: "constexpr" for k in pconsts}}
+        triton.compile(ASTSource(fn=sg._pack_active_kernel, signature=psig, constexprs=pconsts), target=target)
         consts = dict(T_PER_CHANNEL=use_dot, BLOCK_B=8 if use_dot else 1, CHUNK=512)
         sig = {"x_ptr": p, "t_ptr": "*fp32", "idx_ptr": "*i32", "active_ptr": "*i32", "B": "i32", "K": "i32",
                "stride_xb": "i32", **{k: "constexpr" for k in consts}}
@@ -300,8 +345,8 @@ print("compiled")
 
 
 def test_kernels_compile_for_h100_without_a_gpu(tmp_path):
-    """The GPU code path (native-dtype tl.dot, fused counts, reduce, mask, the compacted variant) compiles to sm_90
-    cubin here.
+    """The GPU code path (native-dtype tl.dot, fused counts, reduce, mask, the compacted and gathered variants)
+    compiles to sm_90 cubin here.
 
     The interpreter runs the kernels' semantics; this runs Triton's real compiler (bundled ptxas), which
     needs no GPU, so the code the GPU will run is at least valid for an H100.

@@ -21,12 +21,15 @@ traffic (the batch-1 defaults on Llama-3-8B shapes: 16 or 28 slices, written and
 dense weight bytes, 8-16% of what is read at s = 0.9). The reduce reads the slices as [16, BLOCK] tiles, so a
 long split is a few round trips, not one dependent load per slice. With a single slice the first kernel
 writes y. The zero counts of the masked x (for the sparsity report) are written per K slice and summed by the
-same reduce launch, so counting adds no launch.
+same reduce launch, so counting adds no launch. (The building blocks the kernels share: `gemv_parts.py`.)
 
-Compacted variant (`LaunchConfig.compact_chunk`, in `benchmarks/bench_gemv.py --sweep`'s full grid; not yet
-measured against the unrolled form): a first small launch packs, per chunk of inputs, the indices active in
-any row (a prefix sum in registers); the main kernel then steps through those packed indices only, loading
-BLOCK_K real rows per step. The counts and the split-K reduce are the same.
+Two variants (`gemv_packed.py`), in `benchmarks/bench_gemv.py --sweep`'s grids, not yet measured to win: both
+start with a small launch that packs the indices of the inputs active in any row (a prefix sum in registers),
+so that every step loads BLOCK_K real weight rows. The gathered form (`LaunchConfig.gather`, in the small
+grid) packs all of K into one list and runs the unrolled programs over it: at s = 0.9 a tenth of the programs
+have work, where the unrolled kernel's floor is one program per K slice whatever the sparsity. The compacted
+one (`compact_chunk`) packs per chunk and walks each chunk's list in a runtime loop. The counts and the
+split-K reduce are the same.
 
 Batch 1 multiplies and keeps a [BLOCK_K, BLOCK_N] accumulator (one reduction at the end); batch 2..8 pads
 the rows to 16 and uses `tl.dot` (tensor cores). Above MAX_SPARSE_BATCH rows, or above the op's `max_rows`
@@ -46,9 +49,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .gemv_packed import (
+    _compact_active_kernel,
+    _pack_active_kernel,
+    _sparse_gemv_compact_kernel,
+    _sparse_gemv_gather_kernel,
+)
+from .gemv_parts import _load_x, _reduce_partials_kernel, _store_slice, _walk_step
 from .reference import masked_input
 
 MAX_SPARSE_BATCH = 8
+PACK_TILE = 1024  # inputs per unrolled step of the gathered form's packing launch
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -59,92 +70,6 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def interpreting() -> bool:
     """True when this module's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return _INTERPRETED
-
-
-@triton.jit
-def _load_x(x_ptr, offs_b, b_ok, offs_k, k_ok, stride_xb, USE_DOT: tl.constexpr):
-    """The [BLOCK_B, BLOCK_K] tile of x (rows offs_b) with USE_DOT, else the [BLOCK_K] slice of its one row."""
-    if USE_DOT:
-        return tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                       other=0.0)
-    else:
-        return tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
-
-
-@triton.jit
-def _keep(x, t):
-    """not(|x| <= t): the engine's Threshold rule exactly (t rounded down to x's dtype; NaN survives, as there)."""
-    return ~(tl.abs(x.to(tl.float32)) <= t)
-
-
-@triton.jit
-def _rows_step(acc, zeros, x, keep, ok, w, COUNT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One step of 2..8 rows: acc [BLOCK_B, BLOCK_N] += masked x [BLOCK_B, BLOCK_K] @ w on the tensor cores;
-    zeros [BLOCK_B] += the step's zero entries of the masked x (`ok`: the real rows and inputs)."""
-    xm = tl.where(keep, x, 0.0).to(w.dtype)
-    if COUNT:
-        zeros += tl.sum(((xm == 0) & ok).to(tl.int32), axis=1)
-    if DOT_FP32:  # the CPU interpreter's bf16 dot is wrong; the GPU path keeps native dtypes
-        acc += tl.dot(xm.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-    elif w.dtype == tl.float32:
-        acc += tl.dot(xm, w, input_precision="ieee")
-    else:
-        acc += tl.dot(xm, w, out_dtype=tl.float32)
-    return acc, zeros
-
-
-@triton.jit
-def _row_step(acc2d, zeros, x, keep, ok, w, COUNT: tl.constexpr):
-    """One step of one row: acc2d [BLOCK_K, BLOCK_N] += masked x [BLOCK_K] times its weight rows (reduced over K
-    once, at the end); zeros [1] += the step's zero entries of the masked x (`ok`: the real inputs)."""
-    xm = tl.where(keep, x.to(tl.float32), 0.0)
-    acc2d += xm[:, None] * w.to(tl.float32)
-    if COUNT:
-        zeros += tl.sum(((xm == 0) & ok).to(tl.int32), axis=0)
-    return acc2d, zeros
-
-
-@triton.jit
-def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
-                 USE_DOT: tl.constexpr):
-    """A program's float32 sums of its K slice ([BLOCK_B, BLOCK_N] with USE_DOT; batch 1's [BLOCK_K, BLOCK_N]
-    accumulator is reduced over K here, once): into the slice's partial slot, or (no split) plus bias into y;
-    and, from the first column block, the slice's zero counts per row."""
-    if not USE_DOT:
-        acc = tl.sum(acc, axis=0)[None, :]  # BLOCK_B == 1
-    out_mask = b_ok[:, None] & n_ok[None, :]
-    if COUNT:  # every column block sees the same x: the first one writes this K slice's counts
-        if pid_n == 0:
-            tl.store(zeros_ptr + pid_k * B + offs_b, zeros.to(tl.int64), mask=b_ok)
-    if WRITE_PARTIAL:
-        slot = partial_ptr + pid_k * B * N
-        tl.store(slot + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _walk_step(acc, zeros, x, t, offs_k, k_ok, offs_b, b_ok, offs_n, n_ok, wt_ptr, stride_wk,
-               COUNT: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One BLOCK_K step of the walking kernel: threshold x in registers, load only the active weight rows (the
-    union over the batch rows with USE_DOT), accumulate. acc: [BLOCK_B, BLOCK_N] (USE_DOT) or [BLOCK_K, BLOCK_N]."""
-    if USE_DOT:
-        xk_ok = b_ok[:, None] & k_ok[None, :]
-        keep = _keep(x, t) & xk_ok
-        active = tl.max(keep.to(tl.int32), axis=0) > 0  # union over the batch rows
-        w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=active[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
-    else:
-        keep = _keep(x, t) & k_ok
-        w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc, zeros = _row_step(acc, zeros, x, keep, k_ok, w, COUNT)
-    return acc, zeros
 
 
 @triton.jit
@@ -211,112 +136,6 @@ def _sparse_gemv_kernel(
                  zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
 
 
-@triton.jit
-def _reduce_partials_kernel(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_ptr, B, N, stride_ob, SPLIT_K,
-                            HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr,
-                            BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Slices are read BLOCK_S at a time as one [BLOCK_S, BLOCK] tile: a split of 64 is 4 memory round trips,
-    # not 64 dependent loads (the summation order is fixed, so the result is deterministic).
-    offs_s = tl.arange(0, BLOCK_S)
-    if COUNT:  # the K slices' zero counts, summed here rather than in a launch of their own
-        if tl.program_id(0) == 0:
-            offs_b = tl.arange(0, BLOCK_B)
-            b_ok = offs_b < B
-            counts = tl.zeros((BLOCK_B,), dtype=tl.int64)
-            for s0 in range(0, SPLIT_K, BLOCK_S):
-                s_ok = (s0 + offs_s) < SPLIT_K
-                c = tl.load(zeros_ptr + (s0 + offs_s)[:, None] * B + offs_b[None, :],
-                            mask=s_ok[:, None] & b_ok[None, :], other=0)
-                counts += tl.sum(c, axis=0)
-            tl.store(counts_ptr + offs_b, counts, mask=b_ok)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s0 in range(0, SPLIT_K, BLOCK_S):
-        s_ok = (s0 + offs_s) < SPLIT_K
-        p = tl.load(partial_ptr + (s0 + offs_s)[:, None] * B * N + offs[None, :], mask=s_ok[:, None] & ok[None, :],
-                    other=0.0)
-        acc += tl.sum(p, axis=0)
-    n = offs % N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (offs // N) * stride_ob + n, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _compact_active_kernel(x_ptr, t_ptr, idx_ptr, active_ptr, B, K, stride_xb, T_PER_CHANNEL: tl.constexpr,
-                           BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
-    """Per chunk of CHUNK inputs: the indices of those active in any row (not |x| <= t), packed at the start of
-    the chunk's segment of idx (in order), and how many there are."""
-    c = tl.program_id(0)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    k_ok = offs < K
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                other=0.0)
-    if T_PER_CHANNEL:
-        t = tl.load(t_ptr + offs, mask=k_ok, other=0.0)
-    else:
-        t = tl.load(t_ptr)
-    keep = _keep(x, t) & b_ok[:, None] & k_ok[None, :]
-    active = tl.max(keep.to(tl.int32), axis=0)
-    position = tl.cumsum(active, axis=0) - 1
-    tl.store(idx_ptr + c * CHUNK + position, offs, mask=active > 0)
-    tl.store(active_ptr + c, tl.sum(active, axis=0))
-
-
-@triton.jit
-def _sparse_gemv_compact_kernel(
-    x_ptr, wt_ptr, t_ptr, idx_ptr, active_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
-    B, K, N, stride_xb, stride_wk, stride_ob, chunks_per_split, n_chunks,
-    T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """`_sparse_gemv_kernel` over the packed active inputs of its chunks (`_compact_active_kernel`): its steps
-    follow the active inputs, not K, so at high sparsity every step loads BLOCK_K real weight rows."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, in _store_slice
-    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)
-    c_start = pid_k * chunks_per_split
-    c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
-    for c in range(c_start, c_end):
-        n_active = tl.load(active_ptr + c)
-        if COUNT:  # inputs no row keeps are zero in every row; the others are counted as they are masked
-            zeros += tl.minimum(K - c * CHUNK, CHUNK) - n_active
-        for j in range(0, n_active, BLOCK_K):
-            offs_j = j + tl.arange(0, BLOCK_K)
-            j_ok = offs_j < n_active
-            k_idx = tl.load(idx_ptr + c * CHUNK + offs_j, mask=j_ok, other=0)
-            if T_PER_CHANNEL:
-                t = tl.load(t_ptr + k_idx, mask=j_ok, other=0.0)
-            else:
-                t = t_scalar
-            w = tl.load(wt_ptr + k_idx[:, None] * stride_wk + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            if USE_DOT:
-                xk_ok = b_ok[:, None] & j_ok[None, :]
-                x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
-                keep = _keep(x, t) & xk_ok  # a row may drop an input another keeps
-                acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
-            else:
-                x = tl.load(x_ptr + k_idx, mask=j_ok, other=0.0)
-                keep = _keep(x, t) & j_ok
-                acc, zeros = _row_step(acc, zeros, x, keep, j_ok, w, COUNT)
-    _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
-
-
 def launch_device(t: torch.Tensor):
     """The context that makes `t`'s GPU the current device for a Triton launch (nothing on other devices)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -337,6 +156,11 @@ class LaunchConfig:
     #: 0: `split_k` slices, each walked in a runtime loop. N > 0: every program takes exactly N unrolled
     #: BLOCK_K steps (the split is then cdiv(K, N * BLOCK_K) and `split_k` is ignored).
     steps: int = 0
+    #: The gathered form (with `steps`): a first one-program launch packs the active inputs of all of K into one
+    #: list; the unrolled programs step through it, `steps` BLOCK_K-wide steps a slice, and `split_k` programs
+    #: per column block share the slices (size it for the expected sparsity: with cdiv(active inputs, steps *
+    #: block_k) programs, each takes one slice).
+    gather: bool = False
 
 
 #: A JSON file of measured launch configurations (`benchmarks/bench_gemv.py --sweep --write-configs`) that
@@ -396,7 +220,11 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
         raise ValueError("sparse_gemv: x and wt need unit stride in their last dimension")
     cfg = config or choose_config(B, K, N, x.device)
     chunk = cfg.compact_chunk
-    if chunk:
+    if cfg.gather:
+        if chunk or cfg.steps < 1 or cfg.split_k < 1:
+            raise ValueError(f"sparse_gemv: gather needs steps >= 1, split_k >= 1 and no compact_chunk (got {cfg})")
+        split = min(cfg.split_k, triton.cdiv(K, cfg.steps * cfg.block_k))  # more programs would have no slice
+    elif chunk:
         if chunk & (chunk - 1):
             raise ValueError(f"sparse_gemv: compact_chunk={chunk} is not a power of two")
         n_chunks = triton.cdiv(K, chunk)
@@ -420,7 +248,15 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
                  BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     grid = (triton.cdiv(N, cfg.block_n), split)
     with launch_device(x):  # Triton launches on the current device; a model split over GPUs has several
-        if chunk:
+        if cfg.gather:
+            idx = torch.empty(K + 1, device=x.device, dtype=torch.int32)  # the packed list, then its length
+            _pack_active_kernel[(1,)](
+                x, threshold, idx, idx[K:], B, K, x.stride(0), T_PER_CHANNEL=flags["T_PER_CHANNEL"],
+                BLOCK_B=triton.next_power_of_2(B), TILE=PACK_TILE, TILES=triton.cdiv(K, PACK_TILE), num_warps=8)
+            _sparse_gemv_gather_kernel[grid](
+                x, wt, threshold, idx, idx[K:], bias_arg, out, partial, zeros,
+                B, K, N, x.stride(0), wt.stride(0), out.stride(0), split, STEPS=cfg.steps, **flags)
+        elif chunk:
             idx = torch.empty(n_chunks * chunk, device=x.device, dtype=torch.int32)
             active = torch.empty(n_chunks, device=x.device, dtype=torch.int32)
             _compact_active_kernel[(n_chunks,)](
