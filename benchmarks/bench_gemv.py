@@ -143,14 +143,14 @@ def gather_programs(k: int, batch: int, sparsity: float, steps: int, block_k: in
 
 
 def sweep_configs(batch: int, smoke: bool, grid: str = "full", k: int = 4096) -> list[LaunchConfig]:
-    """`--sweep`'s candidates: the unrolled kernel (`steps`) over tiles and steps a program, and the gathered form
-    (programs sized for each sweep sparsity), plus (grid "full") the runtime walk over whole K slices and the
-    compacted variant. "small" is the unrolled and gathered ones alone (44 at batch 1, 28 above), for a short
-    device lease."""
+    """`--sweep`'s candidates: the unrolled kernel (`steps`) over tiles and steps a program, the gathered form
+    (programs sized for each sweep sparsity), some of each with the fused reduce, plus (grid "full") the
+    runtime walk over whole K slices and the compacted variant. "small" is the unrolled and gathered ones alone
+    (57 at batch 1, 41 above), for a short device lease."""
     if smoke:
         return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32),
                 LaunchConfig(32, 16, 0, steps=2), LaunchConfig(16, 16, 0, steps=4),
-                LaunchConfig(32, 16, 2, steps=2, gather=True)]
+                LaunchConfig(32, 16, 2, steps=2, gather=True), LaunchConfig(32, 16, 0, steps=2, fused_reduce=True)]
     if batch == 1:  # (block_n, block_k, warps): the [BLOCK_K, BLOCK_N] float32 accumulator stays <= 64 registers.
         # The H200's winner was 64 x 32 x 4 warps on every shape (128 x 32 was 1.25-1.5x slower): narrower, smaller
         # programs are in the grid for the next sweep.
@@ -163,8 +163,12 @@ def sweep_configs(batch: int, smoke: bool, grid: str = "full", k: int = 4096) ->
     configs = [LaunchConfig(bn, bk, 0, w, steps=st) for bn, bk, w in tiles for st in steps]
     # The gathered form: programs walk the packed list of active inputs, so at high sparsity far fewer of them
     # run than the unrolled kernel's one per K slice (its floor: BENCHMARKS.md).
-    configs += [LaunchConfig(bn, bk, gather_programs(k, batch, s, st, bk), w, steps=st, gather=True)
+    gathered = [LaunchConfig(bn, bk, gather_programs(k, batch, s, st, bk), w, steps=st, gather=True)
                 for bn, bk, w in tiles[:3] for st in (4, 8) for s in SWEEP_SPARSITIES]
+    configs += gathered
+    # The fused reduce (the last program of a column block sums the slices: one launch fewer per matrix).
+    configs += [dataclasses.replace(c, fused_reduce=True) for c in configs[:3 * len(steps)] if c.steps > steps[0]]
+    configs += [dataclasses.replace(c, fused_reduce=True) for c in gathered[:4]]
     if grid == "full":
         for bn, bk, w in tiles:
             configs += [LaunchConfig(bn, bk, split, w) for split in (4, 8, 16)]
@@ -303,10 +307,12 @@ def print_table(rows: list[dict], meta: dict) -> None:
 def variant(config: dict) -> str:
     """The kernel a configuration runs, in words."""
     if config.get("gather"):
-        return "gathered"
-    if config["compact_chunk"]:
-        return f"compacted ({config['compact_chunk']})"
-    return "unrolled" if config["steps"] else "runtime walk"
+        name = "gathered"
+    elif config["compact_chunk"]:
+        name = f"compacted ({config['compact_chunk']})"
+    else:
+        name = "unrolled" if config["steps"] else "runtime walk"
+    return name + (", fused reduce" if config.get("fused_reduce") else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, whatever the caller's environment says
+if __name__ == "__main__":  # compile, whatever the caller's environment says (read when kernels are decorated)
+    os.environ["TRITON_INTERPRET"] = "0"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -32,8 +33,8 @@ from lm_sparse.kernels import sparse_gemv as sg  # noqa: E402
 
 REGISTERS_PER_SM, THREADS_PER_SM, PROGRAMS_PER_SM = 65536, 2048, 32
 # Pointer arguments by name: the activations' dtype, or a fixed one.
-POINTERS = {"t_ptr": "*fp32", "partial_ptr": "*fp32", "zeros_ptr": "*i64", "idx_ptr": "*i32",
-            "active_ptr": "*i32", "count_ptr": "*i32"}
+POINTERS = {"t_ptr": "*fp32", "partial_ptr": "*fp32", "zeros_ptr": "*i64", "counts_ptr": "*i64",
+            "tickets_ptr": "*i32", "idx_ptr": "*i32", "active_ptr": "*i32", "count_ptr": "*i32"}
 NOT_DIVISIBLE = {"B", "programs_k", "count_ptr", "chunks_per_split", "n_chunks"}  # runtime values, any size
 
 
@@ -74,7 +75,7 @@ def programs_per_sm(registers: int, num_warps: int) -> int:
 
 def candidates(batch: int) -> list[tuple[str, sg.LaunchConfig]]:
     """The variants and tiles a sweep times: `choose_config`'s H100/H200 default at K = 4096 and 14336, and the
-    gathered form at the same tiles."""
+    gathered form at the same tiles; the first tile also with the fused reduce."""
     if batch == 1:
         tiles = [(64, 32, 4), (32, 32, 4), (64, 32, 2), (128, 32, 4)]
     else:
@@ -84,6 +85,9 @@ def candidates(batch: int) -> list[tuple[str, sg.LaunchConfig]]:
         for steps in (4, 8, 16):
             out.append(("unrolled", sg.LaunchConfig(bn, bk, 0, warps, steps=steps)))
             out.append(("gathered", sg.LaunchConfig(bn, bk, 1, warps, steps=steps, gather=True)))
+    bn, bk, warps = tiles[0]
+    for steps in (8, 16):
+        out.append(("unrolled, fused reduce", sg.LaunchConfig(bn, bk, 0, warps, steps=steps, fused_reduce=True)))
     return out
 
 
@@ -95,7 +99,8 @@ def run(batches: list[int], dtype: str, limit: int | None = None) -> list[dict]:
         for variant, cfg in candidates(batch)[:limit]:
             consts = dict(T_PER_CHANNEL=False, HAS_BIAS=False, WRITE_PARTIAL=True, COUNT=True, USE_DOT=use_dot,
                           DOT_FP32=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-                          STEPS=cfg.steps)
+                          STEPS=cfg.steps, FUSED_REDUCE=cfg.fused_reduce, REDUCE_S=4 if use_dot else 16,
+                          REDUCE_TILES=2 if cfg.fused_reduce else 1)
             fn = sg._sparse_gemv_gather_kernel if cfg.gather else sg._sparse_gemv_kernel
             used = resources(compile_for_sm90(fn, consts, dtype, cfg.num_warps))
             rows.append({"batch": batch, "variant": variant, "block_n": cfg.block_n, "block_k": cfg.block_k,

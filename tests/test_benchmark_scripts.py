@@ -102,19 +102,20 @@ def test_a_sweep_candidate_with_a_wrong_result_never_wins(tmp_path, monkeypatch)
 
 def test_sweep_grids_time_the_unrolled_and_gathered_kernels_and_the_full_grid_adds_the_other_variants(monkeypatch):
     """`--sweep-grid small` (the lease's sweep) is the unrolled kernel over tiles and steps plus the gathered form
-    with programs sized for each sweep sparsity; the full grid adds the runtime walk and the compacted variant
-    over the same tiles."""
+    with programs sized for each sweep sparsity, some of both with the fused reduce; the full grid adds the
+    runtime walk and the compacted variant over the same tiles."""
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_gemv
 
     small1 = bench_gemv.sweep_configs(1, False, "small", k=4096)
-    assert len(small1) == 44 and all(c.steps and not c.compact_chunk for c in small1)
-    unrolled = [c for c in small1 if not c.gather]
+    assert len(small1) == len(set(small1)) == 57 and all(c.steps and not c.compact_chunk for c in small1)
+    unrolled = [c for c in small1 if not c.gather and not c.fused_reduce]
     assert len(unrolled) == 32 and {c.steps for c in unrolled} == {2, 4, 8, 16}
+    assert sum(c.gather for c in small1) == 16 and sum(c.fused_reduce for c in small1) == 13
     # batch 1 at s = 0.5 and 0.9 keeps 2048 and 410 of 4096 inputs: one 4 x 32-input slice per program
     assert {c.split_k for c in small1 if c.gather and c.steps == 4 and c.block_k == 32} == {16, 4}
     small4 = bench_gemv.sweep_configs(4, False, "small", k=4096)
-    assert len(small4) == 28 and {c.steps for c in small4 if not c.gather} == {1, 2, 4, 8}
+    assert len(small4) == 41 and {c.steps for c in small4 if not c.gather} == {1, 2, 4, 8}
     # four rows' union: 1 - 0.5**4 and 1 - 0.9**4 of the inputs
     assert {c.split_k for c in small4 if c.gather and c.steps == 4 and c.block_k == 64} == {15, 6}
     full1 = bench_gemv.sweep_configs(1, False)

@@ -156,17 +156,18 @@ def _threshold_rules(engine: SparsityEngine, model, ids, mask, sparsity: float) 
     return rules
 
 
-@pytest.mark.parametrize("variant", ["unrolled", "gathered"])
+@pytest.mark.parametrize("variant", ["unrolled", "gathered", "fused-reduce"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_engine_decode_with_kernels_matches_masked_dense(batch, variant, monkeypatch):
     """Batch 1 (GEMV path) through generate_static, batch 3 (left-padded, dot path) through generate; with the
-    kernel the CPU tests run by default (the GPU's unrolled form on small tiles), and with the gathered form
-    (what a LM_SPARSE_GEMV_CONFIGS file may choose on a GPU)."""
-    if variant == "gathered":
-        from lm_sparse.kernels import sparse_gemv
+    kernel the CPU tests run by default (the GPU's unrolled form on small tiles), and with the gathered form or
+    the fused reduce (what a LM_SPARSE_GEMV_CONFIGS file may choose on a GPU)."""
+    from lm_sparse.kernels import sparse_gemv
 
-        monkeypatch.setattr(sparse_gemv, "choose_config",
-                            lambda *a: sparse_gemv.LaunchConfig(32, 16, 2, steps=2, gather=True))
+    variants = {"gathered": sparse_gemv.LaunchConfig(32, 16, 2, steps=2, gather=True),
+                "fused-reduce": sparse_gemv.LaunchConfig(32, 16, 0, steps=1, fused_reduce=True)}
+    if variant in variants:
+        monkeypatch.setattr(sparse_gemv, "choose_config", lambda *a: variants[variant])
     model = _model()
     ids, mask = _prompts(batch, 8)
     engine = SparsityEngine(model, pad_token_id=0)

@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 from lm_sparse.kernels.sparse_gemv import (  # noqa: E402
     LaunchConfig,
     interpreting,
+    reserve_tickets,
     sparse_gemv,
     sparse_linear,
     sparse_linear_counted,
@@ -100,9 +101,14 @@ def test_sparse_gemv_matches_float64_reference(dtype, batch, sparsity):
                                     LaunchConfig(32, 16, 0, steps=2), LaunchConfig(64, 32, 0, steps=4),
                                     LaunchConfig(32, 16, 1, steps=1, gather=True),
                                     LaunchConfig(32, 16, 3, steps=1, gather=True),
-                                    LaunchConfig(16, 8, 64, steps=2, gather=True)],
+                                    LaunchConfig(16, 8, 64, steps=2, gather=True),
+                                    LaunchConfig(32, 16, 0, steps=2, fused_reduce=True),
+                                    LaunchConfig(16, 16, 3, steps=1, gather=True, fused_reduce=True),
+                                    LaunchConfig(16, 16, 2, compact_chunk=16, fused_reduce=True),
+                                    LaunchConfig(64, 32, 0, steps=4, fused_reduce=True)],
                          ids=["direct", "split3", "split8", "compact", "compact-split2", "compact-split-all",
-                              "steps2", "steps4-direct", "gather-one-program", "gather-3", "gather-every-slice"])
+                              "steps2", "steps4-direct", "gather-one-program", "gather-3", "gather-every-slice",
+                              "steps2-fused", "gather-3-fused", "compact-fused", "fused-without-split"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_sparse_gemv_tilings(config, batch):
     """Direct write (no split) and split-K with a partial reduce give the same float64-close result and the
@@ -111,23 +117,29 @@ def test_sparse_gemv_tilings(config, batch):
     chunk; split-all: more splits asked for than there are chunks); so does the unrolled variant (`steps`: 4
     programs of 2 x 16 inputs, the last one partial; or one program of 4 x 32 inputs, writing y directly); and
     the gathered one over the packed list (one program looping over every slice and writing y; three sharing
-    the slices; more programs asked for than K could fill, most of them with no slice)."""
+    the slices; more programs asked for than K could fill, most of them with no slice); and each of them with
+    the fused reduce, where the last program of a column block sums the slices (nothing to fuse without a
+    split). The fused reduce's tickets are back at zero after every launch."""
     x, wt, bias, t = _inputs(batch, 101, 45, torch.bfloat16, 0.5, True, seed=7)
     out = torch.full((batch, 45), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=config, out=out, count_zeros=True)
     _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
     assert zeros.dtype == torch.int64 and torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
+    if config.fused_reduce:
+        assert not reserve_tickets(torch.device(DEVICE)).any()
 
 
 @pytest.mark.parametrize("config", [LaunchConfig(32, 16, 2, compact_chunk=32), LaunchConfig(32, 16, 2),
-                                    LaunchConfig(32, 16, 2, steps=2, gather=True)],
-                         ids=["compacted", "runtime-walk", "gathered"])
+                                    LaunchConfig(32, 16, 2, steps=2, gather=True),
+                                    LaunchConfig(32, 16, 0, steps=1, fused_reduce=True)],
+                         ids=["compacted", "runtime-walk", "gathered", "fused-reduce"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0], ids=["s0", "s50", "s99", "allzero"])
 def test_other_variants_match_float64_reference(config, dtype, batch, sparsity):
     """The variants the default (the unrolled form, `steps`) does not run: the compacted one (`compact_chunk`),
-    the gathered one (`gather`) and the runtime walk over whole K slices, on the main test's odd shape: every
+    the gathered one (`gather`), the runtime walk over whole K slices, and the unrolled form with the fused
+    reduce (6 slices of 16 inputs), on the main test's odd shape: every
     dtype, batch, sparsity (all inputs active, none active), scalar and per-channel thresholds, with the zero
     counts."""
     k, n = 83, 77
@@ -140,14 +152,16 @@ def test_other_variants_match_float64_reference(config, dtype, batch, sparsity):
         assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reduce-launch", "fused-reduce"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_reduce_sums_more_slices_than_one_tile(batch):
+def test_reduce_sums_more_slices_than_one_tile(batch, fused):
     """700 inputs in 16-input programs: 44 K slices, read by the reduce launch as 16-slice tiles (three of them,
-    the last partial), partial sums and zero counts alike."""
+    the last partial), partial sums and zero counts alike; or by the last program of each column block, 16 (batch
+    1) or 4 (batch 8: eleven tiles) slices a load."""
     x, wt, bias, t = _inputs(batch, 700, 40, torch.float32, 0.5, True, seed=3)
     out = torch.full((batch, 40), float("nan"), dtype=torch.float32, device=DEVICE)
-    y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=LaunchConfig(32, 16, 0, steps=1), out=out,
-                           count_zeros=True)
+    y, zeros = sparse_gemv(*_on_device(x, wt, t, bias), config=LaunchConfig(32, 16, 0, steps=1, fused_reduce=fused),
+                           out=out, count_zeros=True)
     _check(y.cpu(), sparse_linear_reference(x, wt, t, bias), x, wt, t)
     assert torch.equal(zeros.cpu(), (masked_input(x, t) == 0).sum(-1))
 
@@ -290,10 +304,11 @@ for dtype in ("bf16", "fp16", "fp32"):
     p = f"*{dtype}"
     for use_dot in (False, True):
         sig = {"x_ptr": p, "wt_ptr": p, "t_ptr": "*fp32", "bias_ptr": p, "out_ptr": p, "partial_ptr": "*fp32",
-               "zeros_ptr": "*i64", **{n: "i32" for n in ints}}
-        consts = dict(T_PER_CHANNEL=use_dot, HAS_BIAS=True, WRITE_PARTIAL=use_dot, COUNT=True, USE_DOT=use_dot,
+               "zeros_ptr": "*i64", "counts_ptr": "*i64", "tickets_ptr": "*i32", **{n: "i32" for n in ints}}
+        # the fused reduce (last program of a column block sums the slices) with the batch-8 path, two tiles
+        consts = dict(T_PER_CHANNEL=use_dot, HAS_BIAS=True, WRITE_PARTIAL=True, COUNT=True, USE_DOT=use_dot,
                       DOT_FP32=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=64 if use_dot else 32,
-                      BLOCK_N=64 if use_dot else 128)
+                      BLOCK_N=64 if use_dot else 128, FUSED_REDUCE=use_dot, REDUCE_S=4, REDUCE_TILES=2)
         sig.update({k: "constexpr" for k in consts})
         # What a launch specializes for real shapes: pointers 16-byte aligned, sizes and strides multiples of 16.
         names = sg._sparse_gemv_kernel.arg_names
@@ -303,6 +318,11 @@ for dtype in ("bf16", "fp16", "fp32"):
                                               constexprs={**consts, "STEPS": steps}, attrs=attrs), target=target)
             if not use_dot:  # batch 1 streams the weight rows in 16-byte vector loads
                 assert "ld.global.v4" in kernel.asm["ptx"], f"{dtype}: batch-1 weight loads not vectorized"
+            else:  # the fused reduce: a barrier, then the ticket (one thread's acquire-release integer atomic at
+                # GPU scope, as CUTLASS's semaphores do), and the slots read past L1
+                ptx = kernel.asm["ptx"]
+                assert "atom.global.gpu.acq_rel.add.u32" in ptx and "ld.global.cg" in ptx, dtype
+                assert "bar.sync" in ptx[:ptx.index("atom.global.gpu.acq_rel.add.u32")], dtype
         # the compacted variant: the same arguments plus the packed indices, their counts and a chunk size
         csig = {**{n: t for n, t in sig.items() if n != "k_per_split"}, "idx_ptr": "*i32", "active_ptr": "*i32",
                 "chunks_per_split": "i32", "n_chunks": "i32", "CHUNK": "constexpr"}

@@ -274,7 +274,7 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
     masked-dense GEMMs in it while a kernel would read and multiply the weights as stored, so no kernel is
     attached (the decode tokens stay the masked-dense ones).
     """
-    from .sparse_gemv import SUPPORTED_DTYPES
+    from .sparse_gemv import SUPPORTED_DTYPES, reserve_tickets
 
     device = next(engine.model.parameters()).device
     problem = kernel_device_problem(device, allow_interpreter)
@@ -282,6 +282,7 @@ def attach_decode_kernels(engine, required: bool, fuse: bool = True, allow_inter
         if required:
             raise SparsityArgumentError(problem)
         return []
+    reserve_tickets(device)  # before any compiled step captures a launch that may use it (fused_reduce)
     # An engine that sets `executor_counts = True` takes (y, zeros) from executors (no re-masking).
     with_counts = bool(getattr(engine, "executor_counts", False))
     groups: dict[tuple[int, str], list] = {}

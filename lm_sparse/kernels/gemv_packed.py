@@ -41,11 +41,12 @@ def _compact_active_kernel(x_ptr, t_ptr, idx_ptr, active_ptr, B, K, stride_xb, T
 
 @triton.jit
 def _sparse_gemv_compact_kernel(
-    x_ptr, wt_ptr, t_ptr, idx_ptr, active_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
+    x_ptr, wt_ptr, t_ptr, idx_ptr, active_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr, counts_ptr, tickets_ptr,
     B, K, N, stride_xb, stride_wk, stride_ob, chunks_per_split, n_chunks,
     T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, REDUCE_S: tl.constexpr, REDUCE_TILES: tl.constexpr,
 ):
     """`_sparse_gemv_kernel` over the packed active inputs of its chunks (`_compact_active_kernel`): its steps
     follow the active inputs, not K, so at high sparsity every step loads BLOCK_K real weight rows."""
@@ -87,7 +88,8 @@ def _sparse_gemv_compact_kernel(
                 keep = _keep(x, t) & j_ok
                 acc, zeros = _row_step(acc, zeros, x, keep, j_ok, w, COUNT)
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
+                 zeros_ptr, counts_ptr, tickets_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT,
+                 FUSED_REDUCE, REDUCE_S, REDUCE_TILES)
 
 
 @triton.jit
@@ -115,11 +117,12 @@ def _pack_active_kernel(x_ptr, t_ptr, idx_ptr, count_ptr, B, K, stride_xb, T_PER
 
 @triton.jit
 def _sparse_gemv_gather_kernel(
-    x_ptr, wt_ptr, t_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
+    x_ptr, wt_ptr, t_ptr, idx_ptr, count_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr, counts_ptr, tickets_ptr,
     B, K, N, stride_xb, stride_wk, stride_ob, programs_k,
     T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, REDUCE_S: tl.constexpr, REDUCE_TILES: tl.constexpr,
 ):
     """The unrolled kernel over the packed list of active inputs (`_pack_active_kernel`): a slice is
     STEPS * BLOCK_K active inputs, so the slices, and the programs with work, shrink with the sparsity.
@@ -163,4 +166,5 @@ def _sparse_gemv_gather_kernel(
         if pid_k == 0:
             zeros += K - total
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
+                 zeros_ptr, counts_ptr, tickets_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT,
+                 FUSED_REDUCE, REDUCE_S, REDUCE_TILES)

@@ -58,11 +58,13 @@ def _row_step(acc2d, zeros, x, keep, ok, w, COUNT: tl.constexpr):
 
 @triton.jit
 def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
-                 USE_DOT: tl.constexpr):
+                 zeros_ptr, counts_ptr, tickets_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+                 COUNT: tl.constexpr, USE_DOT: tl.constexpr, FUSED_REDUCE: tl.constexpr, REDUCE_S: tl.constexpr,
+                 REDUCE_TILES: tl.constexpr):
     """A program's float32 sums of its K slice ([BLOCK_B, BLOCK_N] with USE_DOT; batch 1's [BLOCK_K, BLOCK_N]
     accumulator is reduced over K here, once): into the slice's partial slot, or (no split) plus bias into y;
-    and, from the first column block, the slice's zero counts per row."""
+    and, from the first column block, the slice's zero counts per row. With FUSED_REDUCE the last program of
+    the column block then sums the slots (`_last_slice_reduces`)."""
     if not USE_DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # BLOCK_B == 1
     out_mask = b_ok[:, None] & n_ok[None, :]
@@ -72,11 +74,53 @@ def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bia
     if WRITE_PARTIAL:
         slot = partial_ptr + pid_k * B * N
         tl.store(slot + offs_b[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+        if FUSED_REDUCE:
+            _last_slice_reduces(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_ptr, tickets_ptr, offs_b, b_ok,
+                                offs_n, n_ok, pid_n, B, N, stride_ob, HAS_BIAS, COUNT, REDUCE_S, REDUCE_TILES)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _last_slice_reduces(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_ptr, tickets_ptr, offs_b, b_ok, offs_n,
+                        n_ok, pid_n, B, N, stride_ob, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr,
+                        REDUCE_S: tl.constexpr, REDUCE_TILES: tl.constexpr):
+    """The split-K reduce without its launch: once its partial sums are written, a program draws a ticket for its
+    column block, and the one that draws the last sums the block's slots, REDUCE_S slices a load, in slice order
+    (whichever program that is, the result is the same), adds the bias, writes y (and, in the first column
+    block, the rows' zero counts), and sets the ticket back to 0 for the next launch. The tickets are int32
+    counters (`sparse_gemv.reserve_tickets`): no floating-point atomics."""
+    n_slices = tl.num_programs(1)
+    tl.debug_barrier()  # all of this program's stores are issued before its ticket, which releases them
+    ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_slices - 1:
+        offs_s = tl.arange(0, REDUCE_S)
+        tile = offs_b[:, None] * N + offs_n[None, :]
+        ok = b_ok[:, None] & n_ok[None, :]
+        acc = tl.sum(tl.load(partial_ptr + offs_s[:, None, None] * B * N + tile[None, :, :],
+                             mask=(offs_s < n_slices)[:, None, None] & ok[None, :, :], other=0.0,
+                             cache_modifier=".cg"), axis=0)
+        for i in tl.static_range(1, REDUCE_TILES):  # all loads in flight at once
+            s = i * REDUCE_S + offs_s
+            acc += tl.sum(tl.load(partial_ptr + s[:, None, None] * B * N + tile[None, :, :],
+                                  mask=(s < n_slices)[:, None, None] & ok[None, :, :], other=0.0,
+                                  cache_modifier=".cg"), axis=0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_b[:, None] * stride_ob + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        if COUNT:
+            if pid_n == 0:
+                counts = tl.zeros(offs_b.shape, dtype=tl.int64)
+                for i in tl.static_range(REDUCE_TILES):
+                    s = i * REDUCE_S + offs_s
+                    counts += tl.sum(tl.load(zeros_ptr + s[:, None] * B + offs_b[None, :],
+                                             mask=(s < n_slices)[:, None] & b_ok[None, :], other=0,
+                                             cache_modifier=".cg"), axis=0)
+                tl.store(counts_ptr + offs_b, counts, mask=b_ok)
+        tl.atomic_xchg(tickets_ptr + pid_n, 0)
 
 
 @triton.jit

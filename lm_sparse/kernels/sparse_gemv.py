@@ -22,6 +22,8 @@ dense weight bytes, 8-16% of what is read at s = 0.9). The reduce reads the slic
 long split is a few round trips, not one dependent load per slice. With a single slice the first kernel
 writes y. The zero counts of the masked x (for the sparsity report) are written per K slice and summed by the
 same reduce launch, so counting adds no launch. (The building blocks the kernels share: `gemv_parts.py`.)
+`LaunchConfig.fused_reduce` (in the sweep, not yet measured) drops that launch: the last program of each column
+block to finish, known by an int32 ticket (no floating-point atomics), sums the slots in the same fixed order.
 
 Two variants (`gemv_packed.py`), in `benchmarks/bench_gemv.py --sweep`'s grids, not yet measured to win: both
 start with a small launch that packs the indices of the inputs active in any row (a prefix sum in registers),
@@ -74,11 +76,12 @@ def interpreting() -> bool:
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wt_ptr, t_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr,
+    x_ptr, wt_ptr, t_ptr, bias_ptr, out_ptr, partial_ptr, zeros_ptr, counts_ptr, tickets_ptr,
     B, K, N, stride_xb, stride_wk, stride_ob, k_per_split,
     T_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, COUNT: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, REDUCE_S: tl.constexpr, REDUCE_TILES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -133,7 +136,8 @@ def _sparse_gemv_kernel(
                                     COUNT, USE_DOT, DOT_FP32)
 
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
-                 zeros_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT)
+                 zeros_ptr, counts_ptr, tickets_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT,
+                 FUSED_REDUCE, REDUCE_S, REDUCE_TILES)
 
 
 def launch_device(t: torch.Tensor):
@@ -161,6 +165,9 @@ class LaunchConfig:
     #: per column block share the slices (size it for the expected sparsity: with cdiv(active inputs, steps *
     #: block_k) programs, each takes one slice).
     gather: bool = False
+    #: With a K split: the last program of each column block sums the slices' partials itself (int32 tickets,
+    #: `reserve_tickets`) instead of a second launch. One launch fewer per matrix; the sum's order is the same.
+    fused_reduce: bool = False
 
 
 #: A JSON file of measured launch configurations (`benchmarks/bench_gemv.py --sweep --write-configs`) that
@@ -203,6 +210,27 @@ def choose_config(batch: int, k: int, n: int, device: torch.device) -> LaunchCon
     return LaunchConfig(64, 64, 0, num_warps=4, steps=4)
 
 
+TICKETS = 1 << 16  # column blocks a fused-reduce launch may have
+_TICKET_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def reserve_tickets(device: torch.device) -> torch.Tensor:
+    """The fused reduce's int32 tickets on `device` (one per column block), allocated once, zero, and left at zero
+    by every launch. A CUDA graph keeps the address it captured, so the buffer must exist before capture:
+    `attach_decode_kernels` reserves it; here, during a capture, a missing buffer is an error. Launches that
+    share it must not overlap, i.e. run on one stream per device (as decoding does)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _TICKET_BUFFERS.get(device)
+    if buffer is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("sparse_gemv: fused_reduce's tickets must be allocated before CUDA graph capture: "
+                               "call lm_sparse.kernels.sparse_gemv.reserve_tickets(device) first")
+        buffer = _TICKET_BUFFERS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return buffer
+
+
 def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor | None = None,
                 config: LaunchConfig | None = None, out: torch.Tensor | None = None,
                 count_zeros: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +271,17 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
     bias_arg = bias if bias is not None else out
     zeros = torch.empty((split, B), device=x.device, dtype=torch.int64) if count_zeros else out
     counts = torch.empty(B, device=x.device, dtype=torch.int64) if count_zeros and split > 1 else zeros
+    fused = cfg.fused_reduce and split > 1
+    tickets = reserve_tickets(x.device) if fused else zeros
+    reduce_s = 4 if use_dot else 16  # slices a load in the fused reduce: [4, 16, BLOCK_N] or [16, 1, BLOCK_N]
     flags = dict(T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
                  COUNT=count_zeros, USE_DOT=use_dot, DOT_FP32=interpreting(), BLOCK_B=16 if use_dot else 1,
-                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, FUSED_REDUCE=fused,
+                 REDUCE_S=reduce_s, REDUCE_TILES=triton.cdiv(split, reduce_s) if fused else 1)
     grid = (triton.cdiv(N, cfg.block_n), split)
+    if fused and grid[0] > TICKETS:
+        raise ValueError(f"sparse_gemv: fused_reduce takes at most {TICKETS} column blocks (N / block_n), "
+                         f"got {grid[0]}")
     with launch_device(x):  # Triton launches on the current device; a model split over GPUs has several
         if cfg.gather:
             idx = torch.empty(K + 1, device=x.device, dtype=torch.int32)  # the packed list, then its length
@@ -254,7 +289,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
                 x, threshold, idx, idx[K:], B, K, x.stride(0), T_PER_CHANNEL=flags["T_PER_CHANNEL"],
                 BLOCK_B=triton.next_power_of_2(B), TILE=PACK_TILE, TILES=triton.cdiv(K, PACK_TILE), num_warps=8)
             _sparse_gemv_gather_kernel[grid](
-                x, wt, threshold, idx, idx[K:], bias_arg, out, partial, zeros,
+                x, wt, threshold, idx, idx[K:], bias_arg, out, partial, zeros, counts, tickets,
                 B, K, N, x.stride(0), wt.stride(0), out.stride(0), split, STEPS=cfg.steps, **flags)
         elif chunk:
             idx = torch.empty(n_chunks * chunk, device=x.device, dtype=torch.int32)
@@ -263,13 +298,13 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
                 x, threshold, idx, active, B, K, x.stride(0), T_PER_CHANNEL=flags["T_PER_CHANNEL"],
                 BLOCK_B=triton.next_power_of_2(B), CHUNK=chunk, num_warps=4)
             _sparse_gemv_compact_kernel[grid](
-                x, wt, threshold, idx, active, bias_arg, out, partial, zeros,
+                x, wt, threshold, idx, active, bias_arg, out, partial, zeros, counts, tickets,
                 B, K, N, x.stride(0), wt.stride(0), out.stride(0), chunks_per_split, n_chunks, CHUNK=chunk, **flags)
         else:
             _sparse_gemv_kernel[grid](
-                x, wt, threshold, bias_arg, out, partial, zeros,
+                x, wt, threshold, bias_arg, out, partial, zeros, counts, tickets,
                 B, K, N, x.stride(0), wt.stride(0), out.stride(0), k_per_split, STEPS=cfg.steps, **flags)
-        if split > 1:
+        if split > 1 and not fused:
             block = 256
             _reduce_partials_kernel[(triton.cdiv(B * N, block),)](
                 partial, bias_arg, out, zeros, counts, B, N, out.stride(0), split,
