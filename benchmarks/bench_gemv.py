@@ -146,7 +146,7 @@ def sweep_configs(batch: int, smoke: bool, grid: str = "full", k: int = 4096) ->
     """`--sweep`'s candidates: the unrolled kernel (`steps`) over tiles and steps a program, the gathered form
     (programs sized for each sweep sparsity), some of each with the fused reduce, plus (grid "full") the
     runtime walk over whole K slices and the compacted variant. "small" is the unrolled and gathered ones alone
-    (57 at batch 1, 41 above), for a short device lease."""
+    (63 at batch 1, 41 above), for a short device lease."""
     if smoke:
         return [LaunchConfig(32, 16, 1), LaunchConfig(16, 32, 2), LaunchConfig(32, 16, 2, compact_chunk=32),
                 LaunchConfig(32, 16, 0, steps=2), LaunchConfig(16, 16, 0, steps=4),
@@ -157,17 +157,25 @@ def sweep_configs(batch: int, smoke: bool, grid: str = "full", k: int = 4096) ->
         tiles = [(64, 32, 4), (128, 16, 4), (128, 32, 4), (128, 64, 8), (256, 32, 4), (256, 16, 4), (32, 32, 4),
                  (64, 32, 2)]
         steps: tuple[int, ...] = (2, 4, 8, 16)
+        variant_tiles = [(64, 32, 4), (32, 32, 4), (64, 32, 2)]
+        # One or two tall steps a program: each step is one load of 128-256 weight rows, so every program's loads
+        # are in flight together whatever the compiler does with unrolled steps (BENCHMARKS.md, registers).
+        tall = [LaunchConfig(bn, bk, 0, w, steps=st) for bn, bk, w in [(32, 128, 4), (64, 128, 4), (16, 256, 4)]
+                for st in (1, 2)]
     else:
         tiles = [(64, 64, 4), (128, 64, 4), (64, 32, 4), (128, 32, 8)]
         steps = (1, 2, 4, 8)
-    configs = [LaunchConfig(bn, bk, 0, w, steps=st) for bn, bk, w in tiles for st in steps]
+        variant_tiles = tiles[:3]
+        tall = []
+    configs = [LaunchConfig(bn, bk, 0, w, steps=st) for bn, bk, w in tiles for st in steps] + tall
     # The gathered form: programs walk the packed list of active inputs, so at high sparsity far fewer of them
     # run than the unrolled kernel's one per K slice (its floor: BENCHMARKS.md).
     gathered = [LaunchConfig(bn, bk, gather_programs(k, batch, s, st, bk), w, steps=st, gather=True)
-                for bn, bk, w in tiles[:3] for st in (4, 8) for s in SWEEP_SPARSITIES]
+                for bn, bk, w in variant_tiles for st in (4, 8) for s in SWEEP_SPARSITIES]
     configs += gathered
     # The fused reduce (the last program of a column block sums the slices: one launch fewer per matrix).
-    configs += [dataclasses.replace(c, fused_reduce=True) for c in configs[:3 * len(steps)] if c.steps > steps[0]]
+    configs += [LaunchConfig(bn, bk, 0, w, steps=st, fused_reduce=True) for bn, bk, w in variant_tiles
+                for st in steps[1:]]
     configs += [dataclasses.replace(c, fused_reduce=True) for c in gathered[:4]]
     if grid == "full":
         for bn, bk, w in tiles:

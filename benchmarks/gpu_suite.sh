@@ -25,14 +25,14 @@ STEP_NAMES="wheels lease lease-tune env tests tests-kernels tests-generation che
 # Each step's own cap in seconds under `lease` (estimates for an H100/H200, from the steps' sizes).
 # Cheapest first, so a slow compile in the decode step (two torch.compile runs of a 32-layer model) costs the
 # tests at the end, not the other measurements.
-declare -A LEASE_CAP=([env]=60 [check]=120 [prefill]=75 [gemv-lease]=150 [decode]=300 [tests-kernels]=120
+declare -A LEASE_CAP=([env]=60 [check]=120 [prefill]=75 [gemv-lease]=150 [decode]=300 [tests-kernels]=180
                       [tests-generation]=180)
 LEASE_STEPS=(env check prefill gemv-lease decode tests-kernels tests-generation)
 # `lease-tune`: the kernels' tiles measured and used in the same call. gemv-b1 sweeps batch 1 on the shapes a
 # TEAL decode step runs (fused gate+up, down, fused qkv, o) and the issue's up/gate, writing the winners to
 # $OUT/gemv_configs.json; decode-tuned decodes with them (LM_SPARSE_GEMV_CONFIGS); gemv-batch is batch 2/4/8.
 LEASE_TUNE_STEPS=(gemv-b1 decode-tuned tests-kernels gemv-batch tests-generation)
-LEASE_CAP+=([gemv-b1]=110 [decode-tuned]=150 [gemv-batch]=90)
+LEASE_CAP+=([gemv-b1]=150 [decode-tuned]=150 [gemv-batch]=90)
 
 setup() {
   if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then

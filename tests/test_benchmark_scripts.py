@@ -108,9 +108,10 @@ def test_sweep_grids_time_the_unrolled_and_gathered_kernels_and_the_full_grid_ad
     import bench_gemv
 
     small1 = bench_gemv.sweep_configs(1, False, "small", k=4096)
-    assert len(small1) == len(set(small1)) == 57 and all(c.steps and not c.compact_chunk for c in small1)
+    assert len(small1) == len(set(small1)) == 63 and all(c.steps and not c.compact_chunk for c in small1)
     unrolled = [c for c in small1 if not c.gather and not c.fused_reduce]
-    assert len(unrolled) == 32 and {c.steps for c in unrolled} == {2, 4, 8, 16}
+    assert len(unrolled) == 38 and {c.steps for c in unrolled} == {1, 2, 4, 8, 16}
+    assert {c.block_k for c in unrolled if c.steps == 1} == {128, 256}  # the tall single-load programs
     assert sum(c.gather for c in small1) == 16 and sum(c.fused_reduce for c in small1) == 13
     # batch 1 at s = 0.5 and 0.9 keeps 2048 and 410 of 4096 inputs: one 4 x 32-input slice per program
     assert {c.split_k for c in small1 if c.gather and c.steps == 4 and c.block_k == 32} == {16, 4}

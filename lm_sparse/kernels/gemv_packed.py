@@ -13,7 +13,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemv_parts import _keep, _row_step, _rows_step, _store_slice
+from .gemv_parts import _keep, _row_step, _rows_step, _start_program, _store_slice
+
+
+@triton.jit
+def _packed_step(acc, zeros, k_idx, ok, x_ptr, wt_ptr, t_ptr, t_scalar, offs_b, b_ok, offs_n, n_ok, stride_xb,
+                 stride_wk, T_PER_CHANNEL: tl.constexpr, COUNT: tl.constexpr, USE_DOT: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """One step over packed input indices k_idx (`ok`: the real ones): their weight rows, x and threshold,
+    gathered; each row masked by its own threshold test (a row may drop an input another keeps)."""
+    if T_PER_CHANNEL:
+        t = tl.load(t_ptr + k_idx, mask=ok, other=0.0)
+    else:
+        t = t_scalar
+    w = tl.load(wt_ptr + k_idx[:, None] * stride_wk + offs_n[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0)
+    if USE_DOT:
+        xk_ok = b_ok[:, None] & ok[None, :]
+        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
+        acc, zeros = _rows_step(acc, zeros, x, _keep(x, t) & xk_ok, xk_ok, w, COUNT, DOT_FP32)
+    else:
+        x = tl.load(x_ptr + k_idx, mask=ok, other=0.0)
+        acc, zeros = _row_step(acc, zeros, x, _keep(x, t) & ok, ok, w, COUNT)
+    return acc, zeros
 
 
 @triton.jit
@@ -50,18 +71,8 @@ def _sparse_gemv_compact_kernel(
 ):
     """`_sparse_gemv_kernel` over the packed active inputs of its chunks (`_compact_active_kernel`): its steps
     follow the active inputs, not K, so at high sparsity every step loads BLOCK_K real weight rows."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
+    pid_n, pid_k, offs_n, n_ok, offs_b, b_ok, acc, zeros = _start_program(B, N, BLOCK_B, BLOCK_K, BLOCK_N, USE_DOT)
     t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, in _store_slice
-    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)
     c_start = pid_k * chunks_per_split
     c_end = tl.minimum(c_start + chunks_per_split, n_chunks)
     for c in range(c_start, c_end):
@@ -72,21 +83,8 @@ def _sparse_gemv_compact_kernel(
             offs_j = j + tl.arange(0, BLOCK_K)
             j_ok = offs_j < n_active
             k_idx = tl.load(idx_ptr + c * CHUNK + offs_j, mask=j_ok, other=0)
-            if T_PER_CHANNEL:
-                t = tl.load(t_ptr + k_idx, mask=j_ok, other=0.0)
-            else:
-                t = t_scalar
-            w = tl.load(wt_ptr + k_idx[:, None] * stride_wk + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            if USE_DOT:
-                xk_ok = b_ok[:, None] & j_ok[None, :]
-                x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
-                keep = _keep(x, t) & xk_ok  # a row may drop an input another keeps
-                acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
-            else:
-                x = tl.load(x_ptr + k_idx, mask=j_ok, other=0.0)
-                keep = _keep(x, t) & j_ok
-                acc, zeros = _row_step(acc, zeros, x, keep, j_ok, w, COUNT)
+            acc, zeros = _packed_step(acc, zeros, k_idx, j_ok, x_ptr, wt_ptr, t_ptr, t_scalar, offs_b, b_ok, offs_n,
+                                      n_ok, stride_xb, stride_wk, T_PER_CHANNEL, COUNT, USE_DOT, DOT_FP32)
     _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
                  zeros_ptr, counts_ptr, tickets_ptr, stride_ob, HAS_BIAS, WRITE_PARTIAL, COUNT, USE_DOT,
                  FUSED_REDUCE, REDUCE_S, REDUCE_TILES)
@@ -129,39 +127,16 @@ def _sparse_gemv_gather_kernel(
     `programs_k` programs per column block take slices pid_k, pid_k + programs_k, ... while any are left: a
     launch sized for the expected sparsity does one slice each, and a denser x costs time, not correctness.
     A program with no slice writes zero partials."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
+    pid_n, pid_k, offs_n, n_ok, offs_b, b_ok, acc, zeros = _start_program(B, N, BLOCK_B, BLOCK_K, BLOCK_N, USE_DOT)
     total = tl.load(count_ptr)
     t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, in _store_slice
-    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)
     for start in range(pid_k * STEPS * BLOCK_K, total, programs_k * STEPS * BLOCK_K):
         for i in tl.static_range(STEPS):
             pos = start + i * BLOCK_K + tl.arange(0, BLOCK_K)
             ok = pos < total
             k_idx = tl.load(idx_ptr + pos, mask=ok, other=0)
-            if T_PER_CHANNEL:
-                t = tl.load(t_ptr + k_idx, mask=ok, other=0.0)
-            else:
-                t = t_scalar
-            w = tl.load(wt_ptr + k_idx[:, None] * stride_wk + offs_n[None, :], mask=ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            if USE_DOT:
-                xk_ok = b_ok[:, None] & ok[None, :]
-                x = tl.load(x_ptr + offs_b[:, None] * stride_xb + k_idx[None, :], mask=xk_ok, other=0.0)
-                keep = _keep(x, t) & xk_ok  # a row may drop an input another keeps
-                acc, zeros = _rows_step(acc, zeros, x, keep, xk_ok, w, COUNT, DOT_FP32)
-            else:
-                x = tl.load(x_ptr + k_idx, mask=ok, other=0.0)
-                keep = _keep(x, t) & ok
-                acc, zeros = _row_step(acc, zeros, x, keep, ok, w, COUNT)
+            acc, zeros = _packed_step(acc, zeros, k_idx, ok, x_ptr, wt_ptr, t_ptr, t_scalar, offs_b, b_ok, offs_n,
+                                      n_ok, stride_xb, stride_wk, T_PER_CHANNEL, COUNT, USE_DOT, DOT_FP32)
     if COUNT:  # inputs outside the packed list are zero in every row: counted once, by the first slice
         if pid_k == 0:
             zeros += K - total

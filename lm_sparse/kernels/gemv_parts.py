@@ -57,6 +57,23 @@ def _row_step(acc2d, zeros, x, keep, ok, w, COUNT: tl.constexpr):
 
 
 @triton.jit
+def _start_program(B, N, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   USE_DOT: tl.constexpr):
+    """A GEMV program's column block and rows, and its zeroed sums: acc ([BLOCK_B, BLOCK_N] with USE_DOT, else
+    batch 1's [BLOCK_K, BLOCK_N], reduced over K once, in `_store_slice`) and the rows' zero counts."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    return pid_n, pid_k, offs_n, offs_n < N, offs_b, offs_b < B, acc, zeros
+
+
+@triton.jit
 def _store_slice(acc, zeros, offs_b, b_ok, offs_n, n_ok, pid_n, pid_k, B, N, bias_ptr, out_ptr, partial_ptr,
                  zeros_ptr, counts_ptr, tickets_ptr, stride_ob, HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
                  COUNT: tl.constexpr, USE_DOT: tl.constexpr, FUSED_REDUCE: tl.constexpr, REDUCE_S: tl.constexpr,

@@ -57,7 +57,7 @@ from .gemv_packed import (
     _sparse_gemv_compact_kernel,
     _sparse_gemv_gather_kernel,
 )
-from .gemv_parts import _load_x, _reduce_partials_kernel, _store_slice, _walk_step
+from .gemv_parts import _load_x, _reduce_partials_kernel, _start_program, _store_slice, _walk_step
 from .reference import masked_input
 
 MAX_SPARSE_BATCH = 8
@@ -83,20 +83,10 @@ def _sparse_gemv_kernel(
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, REDUCE_S: tl.constexpr, REDUCE_TILES: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
+    pid_n, pid_k, offs_n, n_ok, offs_b, b_ok, acc, zeros = _start_program(B, N, BLOCK_B, BLOCK_K, BLOCK_N, USE_DOT)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     t_scalar = tl.load(t_ptr)  # used only when T_PER_CHANNEL is off (then each step loads its slice of t)
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, in _store_slice
-    zeros = tl.zeros((BLOCK_B,), dtype=tl.int32)  # zero entries of the masked x, per row (COUNT)
 
     if STEPS > 0:
         # The program's slice is exactly STEPS steps (k_per_split = STEPS * BLOCK_K), unrolled: no step waits on
