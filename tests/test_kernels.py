@@ -390,3 +390,52 @@ def test_sparse_linear_on_gpu_native(dtype):
         out = torch.full((batch, 515), float("nan"), dtype=dtype, device="cuda")
         y = sparse_gemv(x, wt, t, bias, out=out)
         _check(y.cpu(), sparse_linear_reference(x, wt, t, bias).cpu(), x.cpu(), wt.cpu(), t.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", [LaunchConfig(64, 32, 0, steps=4, fused_reduce=True),
+                                    LaunchConfig(64, 32, 4, steps=4, gather=True, fused_reduce=True),
+                                    LaunchConfig(64, 32, 0, steps=4)],
+                         ids=["fused-reduce", "gathered-fused", "unrolled"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_variants_replay_in_a_cuda_graph(config, batch):
+    """As a compiled decode step runs them: several launches captured in one CUDA graph, replayed on new inputs
+    copied into the captured ones; every replay matches the reference, and the fused reduce's tickets are back
+    at zero after each (no replay inherits another's count). Real shapes, so many programs race for the
+    tickets."""
+    import lm_sparse.kernels.sparse_gemv as sg
+
+    k, n, calls = 4096, 2048, 3
+    sets = [_inputs(batch, k, n, torch.bfloat16, 0.8, True, seed=s) for s in range(calls)]
+    xs, wts, biases, ts = ([v.cuda() for v in group] for group in zip(*sets))
+    sg.reserve_tickets(xs[0].device)
+    outs = [sparse_gemv(x, wt, t, b, config=config) for x, wt, t, b in zip(xs, wts, ts, biases)]  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [sparse_gemv(x, wt, t, b, config=config) for x, wt, t, b in zip(xs, wts, ts, biases)]
+    for replay in range(3):
+        for x, s in zip(xs, range(calls)):
+            fresh, *_ = _inputs(batch, k, n, torch.bfloat16, 0.8, True, seed=100 + 10 * replay + s)
+            x.copy_(fresh.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        for y, x, wt, t, b in zip(outs, xs, wts, ts, biases):
+            _check(y.cpu(), sparse_linear_reference(x, wt, t, b).cpu(), x.cpu(), wt.cpu(), t.cpu())
+        assert not sg.reserve_tickets(xs[0].device).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_reduce_without_tickets_is_an_error_during_capture(monkeypatch):
+    """A buffer allocated during capture would belong to the graph: the launch says what to do instead."""
+    import lm_sparse.kernels.sparse_gemv as sg
+
+    monkeypatch.setattr(sg, "_TICKET_BUFFERS", {})
+    x, wt, bias, t = (v.cuda() for v in _inputs(1, 512, 256, torch.bfloat16, 0.5, False, seed=1))
+    config = LaunchConfig(64, 32, 0, steps=4, fused_reduce=True)
+    sg.sparse_gemv(x, wt, t, bias, config=LaunchConfig(64, 32, 0, steps=4))  # compiles outside the capture
+    sg._TICKET_BUFFERS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="reserve_tickets"):
+        with torch.cuda.graph(graph):
+            sg.sparse_gemv(x, wt, t, bias, config=config)
