@@ -99,7 +99,7 @@ def run(batches: list[int], dtype: str, limit: int | None = None) -> list[dict]:
         for variant, cfg in candidates(batch)[:limit]:
             consts = dict(T_PER_CHANNEL=False, HAS_BIAS=False, WRITE_PARTIAL=True, COUNT=True, USE_DOT=use_dot,
                           DOT_FP32=False, BLOCK_B=16 if use_dot else 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-                          STEPS=cfg.steps, FUSED_REDUCE=cfg.fused_reduce, REDUCE_S=4 if use_dot else 16,
+                          STEPS=cfg.steps, FUSED_REDUCE=cfg.fused_reduce, REDUCE_S=sg.fused_reduce_slices(use_dot),
                           REDUCE_TILES=2 if cfg.fused_reduce else 1)
             fn = sg._sparse_gemv_gather_kernel if cfg.gather else sg._sparse_gemv_kernel
             used = resources(compile_for_sm90(fn, consts, dtype, cfg.num_warps))

@@ -38,25 +38,28 @@ def _packed_step(acc, zeros, k_idx, ok, x_ptr, wt_ptr, t_ptr, t_scalar, offs_b, 
 
 
 @triton.jit
+def _active_inputs(x_ptr, t_ptr, offs, B, K, stride_xb, T_PER_CHANNEL: tl.constexpr, BLOCK_B: tl.constexpr):
+    """1 where input offs (< K) is active in any of the B rows (not |x| <= t), else 0: what the packers pack."""
+    k_ok = offs < K
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+    if T_PER_CHANNEL:
+        t = tl.load(t_ptr + offs, mask=k_ok, other=0.0)
+    else:
+        t = tl.load(t_ptr)
+    return tl.max((_keep(x, t) & b_ok[:, None] & k_ok[None, :]).to(tl.int32), axis=0)
+
+
+@triton.jit
 def _compact_active_kernel(x_ptr, t_ptr, idx_ptr, active_ptr, B, K, stride_xb, T_PER_CHANNEL: tl.constexpr,
                            BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
     """Per chunk of CHUNK inputs: the indices of those active in any row (not |x| <= t), packed at the start of
     the chunk's segment of idx (in order), and how many there are."""
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
-    k_ok = offs < K
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
-    x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                other=0.0)
-    if T_PER_CHANNEL:
-        t = tl.load(t_ptr + offs, mask=k_ok, other=0.0)
-    else:
-        t = tl.load(t_ptr)
-    keep = _keep(x, t) & b_ok[:, None] & k_ok[None, :]
-    active = tl.max(keep.to(tl.int32), axis=0)
-    position = tl.cumsum(active, axis=0) - 1
-    tl.store(idx_ptr + c * CHUNK + position, offs, mask=active > 0)
+    active = _active_inputs(x_ptr, t_ptr, offs, B, K, stride_xb, T_PER_CHANNEL, BLOCK_B)
+    tl.store(idx_ptr + c * CHUNK + tl.cumsum(active, axis=0) - 1, offs, mask=active > 0)
     tl.store(active_ptr + c, tl.sum(active, axis=0))
 
 
@@ -95,19 +98,10 @@ def _pack_active_kernel(x_ptr, t_ptr, idx_ptr, count_ptr, B, K, stride_xb, T_PER
                         BLOCK_B: tl.constexpr, TILE: tl.constexpr, TILES: tl.constexpr):
     """One program: the indices of the inputs active in any row (not |x| <= t), in order, packed at the start of
     idx, and how many there are. The TILES loads are unrolled, so they are all in flight at once."""
-    offs_b = tl.arange(0, BLOCK_B)
-    b_ok = offs_b < B
     packed = tl.sum(tl.zeros((1,), dtype=tl.int32), axis=0)
     for i in tl.static_range(TILES):
         offs = i * TILE + tl.arange(0, TILE)
-        k_ok = offs < K
-        x = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        if T_PER_CHANNEL:
-            t = tl.load(t_ptr + offs, mask=k_ok, other=0.0)[None, :]
-        else:
-            t = tl.load(t_ptr)
-        active = tl.max((_keep(x, t) & b_ok[:, None] & k_ok[None, :]).to(tl.int32), axis=0)
+        active = _active_inputs(x_ptr, t_ptr, offs, B, K, stride_xb, T_PER_CHANNEL, BLOCK_B)
         tl.store(idx_ptr + packed + tl.cumsum(active, axis=0) - 1, offs, mask=active > 0)
         packed += tl.sum(active, axis=0)
     tl.store(count_ptr, packed)

@@ -117,10 +117,8 @@ def _last_slice_reduces(partial_ptr, bias_ptr, out_ptr, zeros_ptr, counts_ptr, t
         offs_s = tl.arange(0, REDUCE_S)
         tile = offs_b[:, None] * N + offs_n[None, :]
         ok = b_ok[:, None] & n_ok[None, :]
-        acc = tl.sum(tl.load(partial_ptr + offs_s[:, None, None] * B * N + tile[None, :, :],
-                             mask=(offs_s < n_slices)[:, None, None] & ok[None, :, :], other=0.0,
-                             cache_modifier=".cg"), axis=0)
-        for i in tl.static_range(1, REDUCE_TILES):  # all loads in flight at once
+        acc = tl.zeros(tile.shape, dtype=tl.float32)
+        for i in tl.static_range(REDUCE_TILES):  # all loads in flight at once
             s = i * REDUCE_S + offs_s
             acc += tl.sum(tl.load(partial_ptr + s[:, None, None] * B * N + tile[None, :, :],
                                   mask=(s < n_slices)[:, None, None] & ok[None, :, :], other=0.0,

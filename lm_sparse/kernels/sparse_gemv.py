@@ -204,6 +204,11 @@ TICKETS = 1 << 16  # column blocks a fused-reduce launch may have
 _TICKET_BUFFERS: dict[torch.device, torch.Tensor] = {}
 
 
+def fused_reduce_slices(use_dot: bool) -> int:
+    """Slices the fused reduce loads at once: [4, 16, BLOCK_N] tiles for 2..8 rows, [16, 1, BLOCK_N] for one."""
+    return 4 if use_dot else 16
+
+
 def reserve_tickets(device: torch.device) -> torch.Tensor:
     """The fused reduce's int32 tickets on `device` (one per column block), allocated once, zero, and left at zero
     by every launch. A CUDA graph keeps the address it captured, so the buffer must exist before capture:
@@ -263,7 +268,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, bias
     counts = torch.empty(B, device=x.device, dtype=torch.int64) if count_zeros and split > 1 else zeros
     fused = cfg.fused_reduce and split > 1
     tickets = reserve_tickets(x.device) if fused else zeros
-    reduce_s = 4 if use_dot else 16  # slices a load in the fused reduce: [4, 16, BLOCK_N] or [16, 1, BLOCK_N]
+    reduce_s = fused_reduce_slices(use_dot)
     flags = dict(T_PER_CHANNEL=threshold.dim() == 1, HAS_BIAS=bias is not None, WRITE_PARTIAL=split > 1,
                  COUNT=count_zeros, USE_DOT=use_dot, DOT_FP32=interpreting(), BLOCK_B=16 if use_dot else 1,
                  BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, FUSED_REDUCE=fused,
