@@ -1,15 +1,19 @@
-"""How many kernels one compiled decode step launches, dense vs TEAL with the sparse kernels (CPU proxy).
+"""How many kernels one compiled decode step launches on a GPU: dense vs TEAL with the sparse kernels.
 
-The H200 decode benchmark found the sparse step about 27 us per layer slower than its four matmul launches
-predict. On a GPU each launch in a CUDA graph costs a few microseconds however small it is, so this counts
-them. The script compiles `generate_static`'s decode step with inductor on a tiny Llama-shaped model, reads
-the code inductor generated, and counts the calls in it. There are three kinds: fused kernels (`cpp_fused_*`
-on CPU, one Triton kernel each on a GPU), library calls (`extern_kernels.*`: matmuls, etc.) and custom ops
-(`torch.ops.lm_sparse.*`: two launches each on a GPU, the GEMV and its split-K reduce). It counts them for
-three setups: dense with the engine counting (as bench_decode's dense row), TEAL-style thresholds on all
-seven matrices with the kernels, and the same with the engine's counting paused (the product path alone).
-Inductor's CPU and GPU back ends fuse by the same scheduler, so the counts are a proxy for the GPU's, not
-a measurement of it.
+The H200 decode benchmark found the sparse step about 27 us per layer slower than its matmul launches predict.
+In a CUDA graph each launch costs a few microseconds however small it is, so this counts them, in the code
+inductor generates for `generate_static`'s decode step of a tiny Llama-shaped model. With no GPU here, the step
+is traced on the CPU and inductor then writes its CUDA (Triton) code for a fake H100 (`fake_cuda.py`: nothing
+is compiled or run); on a machine with CUDA the step is compiled for the real device. `--target cpu` counts the
+CPU back end's code instead, which fuses differently (one loop nest for nodes of different sizes, where Triton
+launches one kernel per size) and so undercounts the GPU's launches.
+
+Three kinds of call: inductor's kernels (`triton_*.run`, one launch each; `cpp_fused_*` on the CPU), library
+calls (`extern_kernels.*`, the matmuls, and aten ops inductor does not generate, such as attention: one launch
+each) and custom ops (`torch.ops.lm_sparse.*`: two launches each on a GPU, the GEMV and its split-K reduce).
+Setups: dense (the engine attached, no rules: bench_decode's dense row), TEAL-style thresholds at 0.5 on all
+seven matrices with the kernels and the engine counting (as under sparse-hf), and the same with the counting
+paused (the product path alone).
 
     python benchmarks/decode_graph_census.py             # CPU, about a minute
 """
@@ -37,8 +41,10 @@ from bench_decode import quantile_thresholds  # noqa: E402
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, hidden_act="silu")
-KINDS = {"fused kernels": r"\bcpp_fused_\w+\(|\btriton_\w+\.run\(", "library calls": r"\bextern_kernels\.\w+\(",
+KINDS = {"inductor kernels": r"\bcpp_fused_\w+\(|\btriton_\w+\.run\(",
+         "library calls": r"\bextern_kernels\.\w+\(|\btorch\.ops\.aten\.\w+",
          "lm_sparse ops": r"\btorch\.ops\.lm_sparse\.\w+"}
+LAUNCHES_PER_OP = 2  # an lm_sparse op on a GPU: the GEMV, then the split-K reduce (choose_config's default)
 
 
 def census(code: list[str]) -> dict[str, int]:
@@ -54,45 +60,74 @@ def census(code: list[str]) -> dict[str, int]:
     return counts
 
 
+def launches(counts: dict[str, int]) -> int:
+    """GPU launches of one step: every inductor kernel and library call once, every lm_sparse op twice."""
+    return counts["inductor kernels"] + counts["library calls"] + LAUNCHES_PER_OP * counts["lm_sparse ops"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch._inductor.utils import run_and_get_code
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=TINY["num_hidden_layers"])
+    parser.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                        help="whose code to count: the GPU's (for a fake H100 without CUDA) or the CPU's")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
+    real_gpu = args.target == "cuda" and torch.cuda.is_available()
+    device = torch.device("cuda" if real_gpu else "cpu")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": args.layers})).eval()
-    prompt = torch.randint(3, 256, (1, 16))
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, "num_hidden_layers": args.layers}))
+    model = model.to(device).eval()
+    prompt = torch.randint(3, 256, (1, 16), device=device)
     engine = SparsityEngine(model, pad_token_id=0)
     thresholds = quantile_thresholds(engine, model, prompt, [0.5])[0.5]
-    decode.COMPILE_OPTIONS = {"backend": "inductor", "fullgraph": True, "dynamic": False}  # no CUDA graphs on CPU
+    captured: list = []
+    if args.target == "cuda" and not real_gpu:
+        from fake_cuda import capture_backend
 
-    def step_code(paused: bool) -> dict[str, int]:
+        backend = capture_backend(captured)  # traced here; CUDA code generated below, under a fake H100
+    else:
+        backend = "inductor"
+    decode.COMPILE_OPTIONS = {"backend": backend, "fullgraph": True, "dynamic": False}  # no CUDA graphs needed
+
+    def step_code(paused: bool):
+        """The compiled decode step's code (or, for the fake GPU, its captured graph)."""
         decode.forget_compiled_step(model)
         torch._dynamo.reset()
         engine.reset()
+        captured.clear()
         with engine.attached(), (engine.paused() if paused else contextlib.nullcontext()):
             _, code = run_and_get_code(lambda: decode.generate_static(model, prompt, None, 2, None, 0, [-1],
                                                                           compile=True))
-        return census(code)
+        return captured[0] if captured else code
 
-    rows = {"dense, engine counting": step_code(False)}
+    steps = {"dense, engine attached": step_code(False)}
     engine.set_rules({i: Threshold(t) for i, t in thresholds.items()})
-    attach_decode_kernels(engine, required=True, allow_interpreter=True)
-    rows["TEAL 0.5 + kernels, engine counting"] = step_code(False)
-    rows["TEAL 0.5 + kernels, counting paused"] = step_code(True)
-    print(f"\nOne compiled decode step of a {args.layers}-layer tiny Llama (inductor, {sys.platform} CPU, "
-          f"torch {torch.__version__}); per step and per layer\n")
-    print("| setup | " + " | ".join(KINDS) + " | GPU launches (lm_sparse ops count 2) | per layer |")
+    attach_decode_kernels(engine, required=True, allow_interpreter=not real_gpu)
+    steps["TEAL 0.5 + kernels, engine counting"] = step_code(False)
+    steps["TEAL 0.5 + kernels, counting paused"] = step_code(True)
+    if args.target == "cuda" and not real_gpu:
+        from fake_cuda import cuda_wrapper_code
+
+        steps = {name: [cuda_wrapper_code(*graph)] for name, graph in steps.items()}
+    where = ("CUDA code for a fake H100 (traced on the CPU)" if args.target == "cuda" and not real_gpu
+             else f"{device.type.upper()} code" + (f" ({torch.cuda.get_device_name()})" if real_gpu else ""))
+    print(f"\nOne compiled decode step of a {args.layers}-layer tiny Llama, inductor's {where}, torch "
+          f"{torch.__version__}, {sys.platform}; per step and per layer\n")
+    print("| setup | " + " | ".join(KINDS) + f" | GPU launches (an lm_sparse op is {LAUNCHES_PER_OP}) | per layer |")
     print("|---|" + "---:|" * (len(KINDS) + 2))
-    for name, c in rows.items():
-        launches = c["fused kernels"] + c["library calls"] + 2 * c["lm_sparse ops"]
-        print(f"| {name} | " + " | ".join(str(c[k]) for k in KINDS) + f" | {launches} | {launches / args.layers:.1f} |")
-        c["gpu_launches"] = launches
-    meta = {**environment(torch.device("cpu")), "layers": args.layers, "model": TINY}
-    write_results(args.out, meta, [{"setup": name, **c} for name, c in rows.items()])
+    rows = []
+    for name, code in steps.items():
+        c = census(code)
+        c["gpu_launches"] = launches(c)
+        print(f"| {name} | " + " | ".join(str(c[k]) for k in KINDS)
+              + f" | {c['gpu_launches']} | {c['gpu_launches'] / args.layers:.1f} |")
+        rows.append({"setup": name, **c})
+    meta = {**environment(device), "layers": args.layers, "model": TINY, "target": args.target,
+            "code": where}
+    write_results(args.out, meta, rows)
     return 0
 
 

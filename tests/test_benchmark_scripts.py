@@ -124,21 +124,22 @@ def test_sweep_grids_time_the_unrolled_and_gathered_kernels_and_the_full_grid_ad
     assert any(not c.steps and not c.compact_chunk for c in full1)
 
 
-def test_compiled_teal_decode_step_launches_four_sparse_ops_a_layer_and_no_more_kernels_than_dense(tmp_path):
-    """decode_graph_census.py on one layer: the TEAL step runs q/k/v and gate/up as one fused op each (4
-    lm_sparse ops a layer) and inductor's code launches no more kernels than the dense step's (the CPU proxy
-    for the launches a CUDA graph replays)."""
-    import shutil
-
-    if not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("inductor on CPU needs a C++ compiler")
+def test_compiled_teal_decode_step_counts_sparsity_without_a_launch_per_site(tmp_path):
+    """decode_graph_census.py on two layers, counting the launches in inductor's CUDA code for a (fake) H100:
+    the TEAL step runs q/k/v and gate/up as one fused op each (4 lm_sparse ops a layer), and the engine's
+    counting costs at most 2 launches a layer plus the commit's few a step. (When the kernels returned their
+    zero counts, stacking those opaque outputs cost one copy launch per site: 7 a layer, 0.7-0.9 ms a token on
+    the H200.)"""
     out = tmp_path / "census.json"
-    _run("decode_graph_census.py", "--layers", "1", "--out", str(out), cwd=tmp_path)
-    rows = {r["setup"]: r for r in json.loads(out.read_text())["rows"]}
-    dense, teal = rows["dense, engine counting"], rows["TEAL 0.5 + kernels, engine counting"]
-    assert teal["lm_sparse ops"] == 4 and dense["lm_sparse ops"] == 0
-    assert dense["library calls"] >= 7  # q, k, v, o, gate, up, down (and the LM head)
-    assert teal["gpu_launches"] <= dense["gpu_launches"] + 1
+    _run("decode_graph_census.py", "--layers", "2", "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["meta"]["target"] == "cuda"
+    rows = {r["setup"]: r for r in result["rows"]}
+    dense = rows["dense, engine attached"]
+    teal, paused = rows["TEAL 0.5 + kernels, engine counting"], rows["TEAL 0.5 + kernels, counting paused"]
+    assert teal["lm_sparse ops"] == paused["lm_sparse ops"] == 8 and dense["lm_sparse ops"] == 0
+    assert dense["library calls"] >= 2 * 7  # q, k, v, o, gate, up, down a layer (and the LM head)
+    assert teal["gpu_launches"] - paused["gpu_launches"] <= 2 * 2 + 10
 
 
 def test_bench_decode_smoke(tmp_path):

@@ -75,7 +75,7 @@ class SparsityEngine:
         self.counter = SparsityCounter([s.in_features for s in self.sites], device=device)
         self.counting = True
         self.deferred = False
-        # Decode executors return (y, zeros per row) so counting needs no second masked copy of x.
+        # Decode executors return (y, zeros per row or None) so eager counting needs no second masked copy of x.
         self.executor_counts = True
         self._handles: list[Any] = []
         # per-forward state, set by the model-level pre-hook
@@ -143,7 +143,8 @@ class SparsityEngine:
     def set_decode_executor(self, site_index: int, fn: Callable, max_rows: int | None = None) -> None:
         """Let `fn(x)` compute the site's output (bias included) in decode steps instead of masked dense.
 
-        With `executor_counts` (the default) `fn` returns (output, zero entries per token of the masked x).
+        With `executor_counts` (the default) `fn` returns (output, zero entries per token of the masked x, or
+        None where it did not count: the engine then counts with the site's rule).
         `max_rows`: the most decode rows `fn` serves with a sparse kernel (it runs a dense GEMM above), so
         the report can say which path ran; None: every step is the sparse kernel.
         """
@@ -281,13 +282,10 @@ class SparsityEngine:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self._phase == DECODE:
-                if not self.executor_counts:
-                    if self.counting:
-                        y = self.rules[site.index](x)
-                        self._records[site.index] = (y == 0).sum(dim=-1).view(x.shape[0], -1)
-                    return executor(x)
-                out, zeros = executor(x)
+                out, zeros = executor(x) if self.executor_counts else (executor(x), None)
                 if self.counting:
+                    if zeros is None:  # the executor did not count (a compiled step: see make_decode_executor)
+                        zeros = (self.rules[site.index](x) == 0).sum(dim=-1)
                     self._records[site.index] = zeros.view(x.shape[0], -1)
                 return out
             new = pre(module, (x,))

@@ -112,9 +112,17 @@ def sparse_rows_limit(expected_sparsity: float | None) -> int:
 
 def _run(x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, with_counts: bool,
          max_rows: int):
-    if with_counts:
-        return torch.ops.lm_sparse.sparse_linear_counted(x, wt, t, bias, max_rows)
-    return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias, max_rows)
+    """y; with `with_counts`, (y, zero entries of the masked x per row), or (y, None) in a step being compiled.
+
+    There the engine counts with the site's rule instead: inductor fuses that count into the kernel that made x
+    (the RMSNorm, act * up), while a count the kernel returns is an opaque op's output, and stacking the step's
+    records then costs one copy launch per site, 7 a layer (`benchmarks/decode_graph_census.py`).
+    """
+    if not with_counts:
+        return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias, max_rows)
+    if torch.compiler.is_compiling():
+        return torch.ops.lm_sparse.sparse_linear(x, wt, t, bias, max_rows), None
+    return torch.ops.lm_sparse.sparse_linear_counted(x, wt, t, bias, max_rows)
 
 
 def _premasked(x: torch.Tensor, threshold_of, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +137,8 @@ def make_decode_executor(module: nn.Linear, threshold: float | torch.Tensor, wit
     """fn(x [B, 1, K]) -> the module's output (bias included) through the sparse kernel.
 
     With `with_counts` it returns (y, zeros [B, 1]): the zero entries of the masked x per row, counted
-    in the kernel's own pass, for an engine that records them instead of re-masking x. Steps of more than
+    in the kernel's own pass, for an engine that records them instead of re-masking x; zeros is None in a
+    step being compiled, where the engine's own count costs less (`_run`). Steps of more than
     `max_rows` rows (default and at most 8) run a dense GEMM on the masked x.
     """
     from .sparse_gemv import MAX_SPARSE_BATCH, sparse_linear  # noqa: F401  (registers the torch.ops.lm_sparse ops)
