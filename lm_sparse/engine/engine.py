@@ -37,6 +37,11 @@ def _first_tensor(args: tuple, kwargs: dict, name: str, position: int) -> Any:
     return args[position] if len(args) > position else None
 
 
+def _zeros_per_token(y: torch.Tensor) -> torch.Tensor:
+    """The zero entries of y along its last dimension (count_nonzero needs no boolean copy of y)."""
+    return y.shape[-1] - torch.count_nonzero(y, dim=-1)
+
+
 class SparsityEngine:
     """Sparsify and count the inputs of a causal LM's linear layers.
 
@@ -254,8 +259,8 @@ class SparsityEngine:
             else:
                 y = torch.where(applies, rule(x), x)
             if self.counting:
-                if zeros is None:  # count_nonzero needs no boolean copy of y
-                    zeros = y.shape[-1] - torch.count_nonzero(y, dim=-1)
+                if zeros is None:
+                    zeros = _zeros_per_token(y)
                 self._records[site.index] = zeros.view(x.shape[0], -1) if x.dim() >= 2 else zeros.view(1, 1)
             if y is x:
                 return None
@@ -285,7 +290,7 @@ class SparsityEngine:
                 out, zeros = executor(x) if self.executor_counts else (executor(x), None)
                 if self.counting:
                     if zeros is None:  # the executor did not count (a compiled step: see make_decode_executor)
-                        zeros = (self.rules[site.index](x) == 0).sum(dim=-1)
+                        zeros = _zeros_per_token(self.rules[site.index](x))
                     self._records[site.index] = zeros.view(x.shape[0], -1)
                 return out
             new = pre(module, (x,))
