@@ -137,7 +137,11 @@ for step in "${STEPS[@]}"; do
       if [ -s "$OUT/gemv_configs.json" ]; then export LM_SPARSE_GEMV_CONFIGS=$OUT/gemv_configs.json; fi
       run_step decode-tuned "$cap" python3 benchmarks/bench_decode.py --levels "${DECODE_LEVELS:-0.25,0.4,0.5,0.7}" \
         --repeats 2 --profile-steps 32 --out "$OUT/bench_decode_tuned.json"
-      unset LM_SPARSE_GEMV_CONFIGS ;;
+      unset LM_SPARSE_GEMV_CONFIGS
+      if [ -s "$OUT/bench_gemv_b1.json" ] && [ -s "$OUT/bench_decode_tuned.json" ]; then  # the bound, no GPU
+        python3 benchmarks/decode_bound.py --gemv "$OUT/bench_gemv_b1.json" \
+          --decode "$OUT/bench_decode_tuned.json" 2>&1 | tee -a "${LOG:-$OUT/decode-tuned.log}" || true
+      fi ;;
     prefill)
       setup
       run_step prefill "$cap" python3 benchmarks/bench_prefill_mask.py --out "$OUT/bench_prefill_mask.json" ;;

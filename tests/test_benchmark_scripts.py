@@ -249,3 +249,50 @@ def test_gpu_suite_refuses_unknown_steps_before_running_any(tmp_path):
                           env={**os.environ, "OUT": str(tmp_path / "out")}, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown step 'gemv-leas'" in proc.stderr
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_decode_bound_against_a_direct_computation(tmp_path, monkeypatch):
+    """decode_bound.py on hand-made lease files: the rest of the step, the ideal and the kernel-predicted
+    speedups, and the bandwidth the target needs, each computed here from the same numbers."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import decode_bound as db
+
+    dense = {db.QKV: 20.0, db.O: 10.0, db.UP: 30.0, db.DOWN: 40.0, db.GATE_UP: 60.0}
+    sparse = {db.QKV: {0.0: 20.0, 1.0: 10.0}, db.O: {0.0: 10.0, 1.0: 6.0}, db.GATE_UP: {0.0: 60.0, 1.0: 20.0},
+              db.DOWN: {0.0: 40.0, 1.0: 20.0}, db.UP: {0.0: 30.0, 1.0: 10.0}}
+    gemv = {"meta": {"device": "test", "copy_bandwidth_gb_per_s": 4000.0},
+            "rows": [{"shape": name, "batch": 1, "sparsity": s, "dense_us": dense[name], "sparse_us": t}
+                     for name, times in sparse.items() for s, t in times.items()]}
+    decode = {"rows": [{"mode": "dense", "level": 0.0, "tokens_per_s": 100.0},
+                       {"mode": "teal", "level": 0.5, "tokens_per_s": 110.0, "decode_sparsity": 0.5}]}
+    (tmp_path / "g.json").write_text(json.dumps(gemv))
+    (tmp_path / "d.json").write_text(json.dumps(decode))
+    b = db.bound(gemv, decode)
+
+    step = 10.0  # ms a token at 100 tokens/s
+    low = 32 * (20 + 10 + 2 * 30 + 40) / 1e3  # q/k/v as the fused launch
+    high = 32 * (3 * 10 + 10 + 2 * 30 + 40) / 1e3  # k and v as long as q
+    assert b["rest_ms"] == pytest.approx((step - high, step - low))
+    weights = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    ideal = 0.5 * 32 * weights * 2 / 4000e9 * 1e3
+    kernels = 32 * (15 + 8 + 40 + 30) / 1e3  # halfway between each shape's two points
+    (level,) = b["levels"]
+    assert level["ideal_sparse_linears_ms"] == pytest.approx(ideal)
+    assert level["kernels_ms"] == pytest.approx(kernels)
+    assert level["ideal_speedup"] == pytest.approx((step / (step - low + ideal), step / (step - high + ideal)))
+    assert level["predicted_speedup"] == pytest.approx((step / (step - low + kernels),
+                                                        step / (step - high + kernels)))
+    assert level["measured_speedup"] == pytest.approx(1.1)
+    sparse_step = 1e3 / 110
+    assert level["excess_ms"] == pytest.approx((sparse_step - (step - low) - kernels,
+                                                sparse_step - (step - high) - kernels))
+    budget = step / 1.8 - (step - high)
+    assert b["target"]["needed_gb_per_s"][0] == pytest.approx(0.5 * 32 * weights * 2 / (budget / 1e3) / 1e9)
+    assert db.interpolate({0.0: 1.0, 1.0: 3.0}, 2.0) == 3.0 and db.interpolate({0.0: 1.0, 1.0: 3.0}, -1) == 1.0
+
+    out = tmp_path / "bound.json"
+    proc = _run("decode_bound.py", "--gemv", str(tmp_path / "g.json"), "--decode", str(tmp_path / "d.json"),
+                "--out", str(out), cwd=tmp_path)
+    assert "| 0.5 | 0.500 | 1.10x |" in proc.stdout
+    assert json.loads(out.read_text())["dense_step_ms"] == pytest.approx(step)
+    _run("decode_bound.py", cwd=tmp_path)  # the shipped H200 lease files
