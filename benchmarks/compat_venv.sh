@@ -4,9 +4,10 @@
 #
 #   bash benchmarks/compat_venv.sh VENV_DIR "PIP SPECS" [pytest arguments...]
 #   bash benchmarks/compat_venv.sh /tmp/v-gpu-image "triton==3.6.0 transformers==5.17.0 numpy<2.4" \
-#       tests/test_kernels.py tests/test_kernel_generation.py
+#       tests/test_kernels.py tests/test_kernel_generation.py tests/test_sparse_hf_kernel_generation.py
 #   bash benchmarks/compat_venv.sh /tmp/v-lmeval "lm-eval==0.4.10 transformers==5.17.0" \
-#       tests/test_hflm_args.py tests/test_accounting.py tests/test_kernel_generation.py
+#       tests/test_hflm_args.py tests/test_accounting.py tests/test_kernel_generation.py \
+#       tests/test_sparse_hf_kernel_generation.py
 #
 # torch comes from TORCH_SPEC (default torch==2.13.0, the CPU wheel this project's machines keep). The
 # virtualenv is made anew; the package is installed from this checkout, then the given specs over it.

@@ -95,14 +95,14 @@ for step in "${STEPS[@]}"; do
     tests)
       setup
       run_step tests "$cap" python3 -m pytest -q -p no:cacheprovider --durations=25 tests/test_kernels.py \
-        tests/test_kernel_generation.py ;;
+        tests/test_kernel_generation.py tests/test_sparse_hf_kernel_generation.py ;;
     tests-kernels)
       setup
       run_step tests-kernels "$cap" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/test_kernels.py ;;
     tests-generation)
       setup
       run_step tests-generation "$cap" python3 -m pytest -q -p no:cacheprovider --durations=10 \
-        tests/test_kernel_generation.py ;;
+        tests/test_kernel_generation.py tests/test_sparse_hf_kernel_generation.py ;;
     check)
       setup
       run_step check "$cap" python3 benchmarks/lm_eval_kernel_check.py --out /tmp/kcheck \

@@ -88,6 +88,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel generation tests run
+
+
+@pytest.fixture
+def kernels_run_on_cpu(monkeypatch) -> None:
+    """Without CUDA, the decode backend accepts CPU models: the kernels run in Triton's interpreter."""
+    if KERNEL_DEVICE == "cpu":
+        from lm_sparse.kernels import backend
+
+        monkeypatch.setattr(backend, "kernel_device_problem", lambda device, allow_interpreter=False: None)
+
+
 @torch.no_grad()
 def dense_and_attached_logits(model, engine, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of one forward on `ids` without the engine's hooks, then with them attached."""
