@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache, StoppingCriteriaList
 
+from lm_sparse.kernels.grouped_attention import grouped_query_decoding
+
 
 def eos_token_ids(model: nn.Module, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
     """The EOS ids generation stops at: `eos_token_id` if given, else the model's generation config's."""
@@ -212,18 +214,17 @@ def generate_static(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     state = _STATE.setdefault(model, {})
     step = _decode_step(model)
-    prefill_logits = step(input_ids, positions[:, :prompt_len], mask[:, :prompt_len], cache)
     if compile:
         if "compiled" not in state:  # compiled once per model, reused by every later call
             state["compiled"] = torch.compile(step, **COMPILE_OPTIONS)
-        step = state["compiled"]
-
     ids = torch.empty(batch, total, dtype=input_ids.dtype, device=device)
     ids[:, :prompt_len] = input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    logits = prefill_logits
     length = prompt_len
-    with _recompile_limit() if compile else nullcontext():
+    # decode steps read the grouped KV cache in place (no per-head copy of it); prefill runs as before
+    with grouped_query_decoding(model), _recompile_limit() if compile else nullcontext():
+        logits = step(input_ids, positions[:, :prompt_len], mask[:, :prompt_len], cache)  # prefill, eager
+        step = state["compiled"] if compile else step
         while True:
             if logits_processor:
                 logits = logits_processor(ids[:, :length], logits)
