@@ -22,12 +22,12 @@ import json
 import os
 import sys
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LEASE = os.path.join(HERE, "results", "h200-2026-12-04", "lease-tune")
-# Llama-3-8B (bench_decode.LLAMA3_8B), kept here so that this script needs neither torch nor a model
-HIDDEN, INTERMEDIATE, KV, LAYERS, BYTES_PER_WEIGHT = 4096, 14336, 1024, 32, 2
-MATRICES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
-            "gate": (HIDDEN, INTERMEDIATE), "up": (HIDDEN, INTERMEDIATE), "down": (INTERMEDIATE, HIDDEN)}
+LAYERS = 32  # bench_decode's Llama-3-8B
+BYTES_PER_WEIGHT = {"bf16": 2, "fp16": 2, "fp32": 4}  # bench_gemv's --dtype
 # bench_gemv's shape names: the four launches of a TEAL decode layer, and the issue's up/gate alone
 QKV, O, GATE_UP, DOWN, UP = ("8B qkv 4096x6144", "8B o 4096x4096", "8B gate+up fused 4096x28672",
                              "8B down 14336x4096", "8B up/gate 4096x14336")
@@ -37,17 +37,7 @@ TARGET_SPEEDUP, TARGET_LEVEL = 1.8, 0.5
 def interpolate(points: dict[float, float], s: float) -> float:
     """Linear interpolation of a sparsity -> time table (clamped to its ends)."""
     xs = sorted(points)
-    if s <= xs[0]:
-        return points[xs[0]]
-    for lo, hi in zip(xs, xs[1:]):
-        if s <= hi:
-            return points[lo] + (points[hi] - points[lo]) * (s - lo) / (hi - lo)
-    return points[xs[-1]]
-
-
-def layer_bytes() -> int:
-    """Weight bytes of one layer's seven matrices."""
-    return sum(i * o for i, o in MATRICES.values()) * BYTES_PER_WEIGHT
+    return float(np.interp(s, xs, [points[x] for x in xs]))
 
 
 def bound(gemv: dict, decode: dict) -> dict:
@@ -55,6 +45,9 @@ def bound(gemv: dict, decode: dict) -> dict:
     each as (low, high) over the range of the rest of the step. Times in ms a token."""
     rows = [r for r in gemv["rows"] if r["batch"] == 1]
     dense_us = {r["shape"]: r["dense_us"] for r in rows}
+    # a layer's seven matrices are the four launches of a TEAL layer (q/k/v and gate/up fused)
+    size = {r["shape"]: r["in"] * r["out"] for r in rows}
+    layer_bytes = sum(size[name] for name in (QKV, O, GATE_UP, DOWN)) * BYTES_PER_WEIGHT[gemv["meta"]["dtype"]]
     sparse_us: dict[str, dict[float, float]] = {}
     for r in rows:
         sparse_us.setdefault(r["shape"], {})[r["sparsity"]] = r["sparse_us"]
@@ -66,7 +59,7 @@ def bound(gemv: dict, decode: dict) -> dict:
     step = 1e3 / dense_row["tokens_per_s"]
     linears = (LAYERS * linears_low / 1e3, LAYERS * linears_high / 1e3)
     rest = (step - linears[1], step - linears[0])  # the more the linears take, the less is left
-    ideal_dense = LAYERS * layer_bytes() / bandwidth * 1e3
+    ideal_dense = LAYERS * layer_bytes / bandwidth * 1e3
     out = {"dense_step_ms": step, "linears_ms": linears, "rest_ms": rest, "ideal_dense_linears_ms": ideal_dense,
            "copy_bandwidth_gb_per_s": bandwidth / 1e9, "levels": []}
     for r in sorted(decode["rows"], key=lambda r: r["level"]):
@@ -85,7 +78,7 @@ def bound(gemv: dict, decode: dict) -> dict:
             "ideal_speedup": (step / (rest[1] + ideal), step / (rest[0] + ideal))})
     # what the target asks of the linears at its level: their time, and the bandwidth that reads (1 - s) of them
     budget = [step / TARGET_SPEEDUP - r for r in rest]
-    active = (1 - TARGET_LEVEL) * LAYERS * layer_bytes()
+    active = (1 - TARGET_LEVEL) * LAYERS * layer_bytes
     out["target"] = {"speedup": TARGET_SPEEDUP, "level": TARGET_LEVEL, "linears_budget_ms": budget,
                      "needed_gb_per_s": [active / (b / 1e3) / 1e9 if b > 0 else None for b in budget]}
     return out

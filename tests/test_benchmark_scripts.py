@@ -260,8 +260,11 @@ def test_decode_bound_against_a_direct_computation(tmp_path, monkeypatch):
     dense = {db.QKV: 20.0, db.O: 10.0, db.UP: 30.0, db.DOWN: 40.0, db.GATE_UP: 60.0}
     sparse = {db.QKV: {0.0: 20.0, 1.0: 10.0}, db.O: {0.0: 10.0, 1.0: 6.0}, db.GATE_UP: {0.0: 60.0, 1.0: 20.0},
               db.DOWN: {0.0: 40.0, 1.0: 20.0}, db.UP: {0.0: 30.0, 1.0: 10.0}}
-    gemv = {"meta": {"device": "test", "copy_bandwidth_gb_per_s": 4000.0},
-            "rows": [{"shape": name, "batch": 1, "sparsity": s, "dense_us": dense[name], "sparse_us": t}
+    dims = {db.QKV: (4096, 6144), db.O: (4096, 4096), db.GATE_UP: (4096, 28672), db.DOWN: (14336, 4096),
+            db.UP: (4096, 14336)}
+    gemv = {"meta": {"device": "test", "dtype": "bf16", "copy_bandwidth_gb_per_s": 4000.0},
+            "rows": [{"shape": name, "in": dims[name][0], "out": dims[name][1], "batch": 1, "sparsity": s,
+                      "dense_us": dense[name], "sparse_us": t}
                      for name, times in sparse.items() for s, t in times.items()]}
     decode = {"rows": [{"mode": "dense", "level": 0.0, "tokens_per_s": 100.0},
                        {"mode": "teal", "level": 0.5, "tokens_per_s": 110.0, "decode_sparsity": 0.5}]}
